@@ -1,0 +1,71 @@
+"""Every error block-rbd raises on purpose.
+
+Each carries one line meant for an operator: it ends up verbatim in
+xenstore's hotplug-error, the log and stderr.  No message may ever hold a
+cephx secret.
+"""
+
+
+class BlockRbdError(Exception):
+    """Base class; str() is the one-line message."""
+
+    def __init__(self, message):
+        # One line, whatever the caller passed: hotplug-error is one line.
+        super().__init__(" ".join(str(message).split()))
+
+
+class TargetError(BlockRbdError):
+    """The target string in the domU config is malformed."""
+
+
+class ConfigError(BlockRbdError):
+    """The YAML configuration is malformed or names a bad value."""
+
+
+class XenstoreError(BlockRbdError):
+    """A xenstore tool failed."""
+
+
+class CommandError(BlockRbdError):
+    """A subprocess failed or timed out."""
+
+    def __init__(self, message, returncode=None, stderr=""):
+        super().__init__(message)
+        self.returncode = returncode
+        self.stderr = stderr
+
+
+class ClusterError(BlockRbdError):
+    """The Ceph cluster could not be reached or refused an operation."""
+
+
+class ImageNotFound(ClusterError):
+    """The pool, namespace, image or snapshot does not exist."""
+
+
+class MapperError(BlockRbdError):
+    """Mapping or unmapping a device failed."""
+
+
+class MapperUnavailable(MapperError):
+    """This host cannot use the mapper (no kernel driver, no tool)."""
+
+
+class FeaturesUnsupported(MapperError):
+    """The kernel's rbd driver lacks a feature the image uses."""
+
+
+class DeviceBusy(MapperError):
+    """The device is still open by someone; unmap was refused."""
+
+
+class AccessDenied(BlockRbdError):
+    """The cluster-wide access policy refuses this attachment."""
+
+
+class LockTimeout(BlockRbdError):
+    """A local lock could not be taken in time."""
+
+
+class HotplugTimeout(BlockRbdError):
+    """The hotplug run used up its time budget."""

@@ -1,0 +1,73 @@
+"""Logging where Xen's own hotplug scripts log: xen-hotplug.log and syslog.
+
+One line per event, prefixed with the backend path when there is one, so
+`grep backend/vbd/5/51712 /var/log/xen/xen-hotplug.log` tells one disk's story.
+"""
+
+import logging
+import logging.handlers
+import os
+import sys
+
+LOGGER = "block-rbd"
+
+
+class _Context(logging.Filter):
+    """Adds the backend path (or the command) to every record."""
+
+    def __init__(self):
+        super().__init__()
+        self.where = ""
+
+    def filter(self, record):
+        record.where = self.where
+        # One event, one line, whatever the message carried.
+        if isinstance(record.msg, str) and "\n" in record.msg:
+            record.msg = record.msg.replace("\n", " | ")
+        return True
+
+
+_context = _Context()
+
+
+def set_context(where):
+    _context.where = (where + ": ") if where else ""
+
+
+def setup(log_file=None, use_syslog=True, verbose=False, stderr_level=logging.WARNING):
+    """Configure the block-rbd logger; safe to call more than once."""
+    logger = logging.getLogger(LOGGER)
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        handler.close()
+    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+    logger.propagate = False
+    logger.addFilter(_context)
+
+    stream = logging.StreamHandler(sys.stderr)
+    stream.setLevel(logging.DEBUG if verbose else stderr_level)
+    stream.setFormatter(logging.Formatter("block-rbd: %(where)s%(message)s"))
+    logger.addHandler(stream)
+
+    if log_file:
+        try:
+            os.makedirs(os.path.dirname(log_file), exist_ok=True)
+            handler = logging.FileHandler(log_file)
+        except OSError as exc:
+            logger.warning("cannot write log file %s: %s", log_file, exc.strerror)
+        else:
+            handler.setFormatter(logging.Formatter(
+                "%(asctime)s block-rbd[%(process)d] %(levelname)s %(where)s%(message)s",
+                "%Y-%m-%dT%H:%M:%S"))
+            logger.addHandler(handler)
+
+    if use_syslog and os.path.exists("/dev/log"):
+        try:
+            handler = logging.handlers.SysLogHandler(
+                "/dev/log", facility=logging.handlers.SysLogHandler.LOG_DAEMON)
+        except OSError:
+            handler = None  # no syslog daemon listening: the file log still has it
+        if handler is not None:
+            handler.setFormatter(logging.Formatter("block-rbd[%(process)d]: %(where)s%(message)s"))
+            logger.addHandler(handler)
+    return logger

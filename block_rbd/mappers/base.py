@@ -1,0 +1,93 @@
+"""What every mapper offers: idempotent map, bounded unmap, discovery.
+
+A mapper turns an image (or snapshot) into a block device in dom0.  Discovery
+reads what the kernel or the mapper's own tool says is mapped, so `remove` can
+undo a mapping even when `add` was killed before recording it.
+"""
+
+import abc
+import os
+import time
+from dataclasses import dataclass, field
+
+from ..errors import DeviceBusy
+
+
+@dataclass
+class Mapping:
+    mapper: str
+    spec: "object"  # target.ImageSpec
+    read_only: bool
+    device: str
+    details: dict = field(default_factory=dict)
+
+    def as_dict(self):
+        return {"mapper": self.mapper, "image": str(self.spec), "read_only": self.read_only,
+                "device": self.device, **self.details}
+
+
+def device_numbers(device):
+    """(major, minor) of a block device node."""
+    st = os.stat(device)
+    return os.major(st.st_rdev), os.minor(st.st_rdev)
+
+
+def block_read_only(name, sys_root="/sys"):
+    """Whether /sys/block/NAME says the device is read-only."""
+    try:
+        with open(os.path.join(sys_root, "block", name, "ro")) as handle:
+            return handle.read().strip() == "1"
+    except OSError:
+        return False
+
+
+def retry_busy(attempt, timeout, what, interval=0.25):
+    """Call attempt() until it returns True or `timeout` passes; then DeviceBusy."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if attempt():
+            return
+        if time.monotonic() >= deadline:
+            raise DeviceBusy("%s is still in use after %.0f s; close it (or stop the guest) and retry"
+                             % (what, timeout))
+        time.sleep(interval)
+
+
+class Mapper(abc.ABC):
+    """One transport from an RBD image to a dom0 block device."""
+
+    name = None
+
+    def __init__(self, config, cluster=None):
+        self.config = config
+        self.cluster = cluster
+
+    @abc.abstractmethod
+    def unavailable(self):
+        """None when this host can use the mapper, else the reason (one line)."""
+
+    @abc.abstractmethod
+    def mapped(self):
+        """Every mapping of this mapper on this host."""
+
+    @abc.abstractmethod
+    def _map(self, spec, read_only, options):
+        """Create a new mapping; returns a Mapping."""
+
+    @abc.abstractmethod
+    def unmap(self, mapping):
+        """Remove the mapping, retrying a busy device for timeouts.unmap seconds."""
+
+    def find(self, spec, read_only):
+        for mapping in self.mapped():
+            if mapping.spec == spec and mapping.read_only == read_only:
+                return mapping
+        return None
+
+    def map(self, spec, read_only, options=()):
+        """Map, or return the existing mapping of the same image, snapshot and mode."""
+        existing = self.find(spec, read_only)
+        if existing is not None:
+            existing.details["reused"] = True
+            return existing
+        return self._map(spec, read_only, tuple(options))

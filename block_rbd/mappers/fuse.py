@@ -1,0 +1,159 @@
+"""fuse: rbd-fuse exposes the image as a file, a loop device makes it a disk.
+
+For dom0 kernels with neither rbd nor nbd.  rbd-fuse is started with -r IMAGE
+so it opens (and watches) only that image, not every image of the pool, under
+a mount directory only root can enter (rbd-fuse shows the file as 0666).
+"""
+
+import glob
+import logging
+import os
+import shutil
+import urllib.parse
+
+from .. import process
+from ..errors import CommandError, MapperError, TargetError
+from ..target import parse_spec
+from .base import Mapper, Mapping, block_read_only, retry_busy
+
+log = logging.getLogger("block-rbd")
+
+
+def parse_mountinfo(text, mount_dir):
+    """Mount points of rbd-fuse mounts directly below mount_dir."""
+    mount_dir = mount_dir.rstrip("/")
+    points = []
+    for line in text.splitlines():
+        fields = line.split()
+        if " - " not in line or len(fields) < 5:
+            continue
+        fstype = line.split(" - ", 1)[1].split()[0]
+        point = fields[4].replace("\\040", " ")
+        if fstype.startswith("fuse") and os.path.dirname(point) == mount_dir:
+            points.append(point)
+    return points
+
+
+def loop_devices(sys_root="/sys"):
+    """{backing file: [(loop name, read_only)]} for every attached loop device."""
+    backing = {}
+    for path in glob.glob(os.path.join(sys_root, "block", "loop*", "loop", "backing_file")):
+        name = path.split(os.sep)[-3]
+        try:
+            with open(path) as handle:
+                target = handle.read().strip()
+        except OSError:
+            continue  # detached between glob and open
+        backing.setdefault(target, []).append((name, block_read_only(name, sys_root)))
+    return backing
+
+
+class FuseMapper(Mapper):
+    name = "fuse"
+
+    def __init__(self, config, cluster=None, sys_root="/sys", mountinfo="/proc/self/mountinfo"):
+        super().__init__(config, cluster)
+        self.sys_root = sys_root
+        self.mountinfo = mountinfo
+        self.mount_dir = config["fuse.mount_dir"]
+
+    def unavailable(self):
+        for tool, package in (("rbd-fuse", "rbd-fuse"), ("losetup", "mount"), ("fusermount", "fuse")):
+            if not shutil.which(tool):
+                return "%s is not installed (apt-get install %s)" % (tool, package)
+        if not os.path.exists("/dev/fuse"):
+            return "no /dev/fuse (modprobe fuse)"
+        return None
+
+    def mountpoint(self, spec):
+        return os.path.join(self.mount_dir, spec.head().key)
+
+    def _mounts(self):
+        with open(self.mountinfo) as handle:
+            return parse_mountinfo(handle.read(), self.mount_dir)
+
+    def mapped(self):
+        loops = loop_devices(self.sys_root)
+        mappings = []
+        for point in self._mounts():
+            try:
+                spec = parse_spec(urllib.parse.unquote(os.path.basename(point)))
+            except TargetError:
+                continue  # not one of ours
+            image_file = os.path.join(point, spec.image)
+            for name, read_only in loops.get(image_file, []):
+                mappings.append(Mapping(self.name, spec, read_only, "/dev/" + name,
+                                        {"mountpoint": point, "file": image_file}))
+        return mappings
+
+    def mount_argv(self, spec, point):
+        cfg = self.config
+        argv = ["rbd-fuse", "-c", cfg["ceph.conf"], "--id", cfg["ceph.id"], "--keyring", cfg.keyring,
+                "-p", spec.pool]
+        if spec.namespace:
+            argv += ["-s", spec.namespace]
+        return argv + ["-r", spec.image, point]
+
+    def _map(self, spec, read_only, options):
+        if spec.snap:
+            raise MapperError("the fuse mapper cannot map snapshots (%s); use mapper=krbd or nbd" % spec)
+        if options:
+            raise MapperError("the fuse mapper takes no map options (%s)" % "+".join(options))
+        point = self.mountpoint(spec)
+        image_file = os.path.join(point, spec.image)
+        mounted_here = False
+        if point not in self._mounts():
+            os.makedirs(self.mount_dir, mode=0o700, exist_ok=True)
+            os.chmod(self.mount_dir, 0o700)
+            os.makedirs(point, mode=0o700, exist_ok=True)
+            try:
+                process.run(self.mount_argv(spec, point), timeout=self.config["timeouts.map"])
+            except CommandError as exc:
+                _rmdir(point)
+                raise MapperError("rbd-fuse mount of %s failed: %s" % (spec, exc)) from None
+            mounted_here = True
+        try:
+            if not os.path.exists(image_file):
+                raise MapperError("rbd-fuse shows no image %s" % spec)
+            argv = ["losetup", "--find", "--show"] + (["--read-only"] if read_only else []) + [image_file]
+            try:
+                device = process.run(argv, timeout=self.config["timeouts.map"]).stdout.strip()
+            except CommandError as exc:
+                raise MapperError("losetup for %s failed: %s" % (spec, exc)) from None
+        except MapperError:
+            if mounted_here:
+                self._unmount(point)
+            raise
+        log.info("fuse mapped %s at %s (via %s)", spec, device, point)
+        return Mapping(self.name, spec, read_only, device, {"mountpoint": point, "file": image_file})
+
+    def unmap(self, mapping):
+        timeout = self.config["timeouts.unmap"]
+        point = mapping.details.get("mountpoint") or self.mountpoint(mapping.spec)
+        image_file = os.path.join(point, mapping.spec.image)
+        name = os.path.basename(mapping.device)
+        if any(n == name for n, _ro in loop_devices(self.sys_root).get(image_file, [])):
+            try:
+                process.run(["losetup", "--detach", mapping.device], timeout=timeout)
+            except CommandError as exc:
+                raise MapperError("losetup --detach %s failed: %s" % (mapping.device, exc)) from None
+        # A detached loop device lets go of the file asynchronously; the mount
+        # stays while another loop (the other mode) still uses it.
+        if not loop_devices(self.sys_root).get(image_file) and point in self._mounts():
+            self._unmount(point)
+        log.info("fuse unmapped %s (%s)", mapping.device, mapping.spec)
+
+    def _unmount(self, point):
+        def attempt():
+            result = process.run(["fusermount", "-u", point], timeout=self.config["timeouts.unmap"], check=False)
+            return result.ok or point not in self._mounts()
+
+        retry_busy(attempt, self.config["timeouts.unmap"], point)
+        _rmdir(point)
+
+
+def _rmdir(path):
+    try:
+        os.rmdir(path)
+    except OSError:
+        pass  # not empty or already gone: nothing of ours to clean

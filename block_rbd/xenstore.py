@@ -1,0 +1,95 @@
+"""xenstore through Xen's own command-line tools.
+
+Debian ships no Python bindings for xenstore, and the tools are what every
+hotplug script uses.  Each method is one tool run; several keys written in one
+`xenstore-write` are one transaction (the tool wraps its work in one).
+"""
+
+import re
+
+from . import process
+from .errors import CommandError, XenstoreError
+
+_OCTAL = re.compile(r"\\([0-7]{3}|.)")
+_NAMED = {"t": "\t", "n": "\n", "r": "\r", "a": "\a", "b": "\b", "f": "\f", "v": "\v", "\\": "\\"}
+
+
+def unescape(text):
+    """Undo the tools' quoting of a value (`\\\\`, `\\n`, `\\ooo`...)."""
+    def one(match):
+        code = match.group(1)
+        if len(code) == 3:
+            return chr(int(code, 8))
+        return _NAMED.get(code, code)
+    return _OCTAL.sub(one, text)
+
+
+def parse_ls(output, prefix):
+    """Parse `xenstore-ls -f PREFIX` output into {relative key: value}."""
+    prefix = prefix.rstrip("/") + "/"
+    values = {}
+    for line in output.splitlines():
+        path, sep, rest = line.partition(' = "')
+        if not sep or not rest.endswith('"'):
+            continue
+        if path.startswith(prefix):
+            values[path[len(prefix):]] = unescape(rest[:-1])
+    return values
+
+
+class Xenstore:
+    """The xenstore seam.  `env` points the tools elsewhere (tests)."""
+
+    def __init__(self, env=None, timeout=10):
+        self.env = env
+        self.timeout = timeout
+
+    def _run(self, tool, *args, check=True):
+        try:
+            return process.run([tool, *args], timeout=self.timeout, env=self.env, check=check)
+        except CommandError as exc:
+            raise XenstoreError(str(exc)) from None
+
+    def read(self, *paths):
+        """Values of all `paths` (one call, one transaction); all must exist."""
+        result = self._run("xenstore-read", *paths)
+        lines = result.stdout.split("\n")
+        return [unescape(line) for line in lines[:len(paths)]]
+
+    def read_optional(self, path):
+        """The value at `path`, or None when it does not exist."""
+        result = self._run("xenstore-read", path, check=False)
+        if result.returncode != 0:
+            return None
+        return unescape(result.stdout.rstrip("\n"))
+
+    def ls(self, path):
+        """Every key below `path` as {relative path: value}; {} if `path` is missing."""
+        result = self._run("xenstore-ls", "-f", path, check=False)
+        if result.returncode != 0:
+            return {}
+        return parse_ls(result.stdout, path)
+
+    def list(self, path):
+        """Child names of `path`; [] if `path` is missing."""
+        result = self._run("xenstore-list", path, check=False)
+        if result.returncode != 0:
+            return []
+        return [line for line in result.stdout.split("\n") if line]
+
+    def write(self, pairs):
+        """Write {path: value} (ordered) in one transaction; values stored verbatim."""
+        args = []
+        for path, value in pairs.items():
+            args += [path, str(value)]
+        self._run("xenstore-write", "-R", *args)
+
+    def rm(self, *paths):
+        """Remove paths; a path already gone is not an error."""
+        for path in paths:
+            result = self._run("xenstore-rm", path, check=False)
+            if result.returncode != 0 and self.exists(path):
+                raise XenstoreError("xenstore-rm %s failed: %s" % (path, process.first_line(result.stderr)))
+
+    def exists(self, path):
+        return self._run("xenstore-exists", path, check=False).returncode == 0
