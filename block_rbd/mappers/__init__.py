@@ -4,22 +4,22 @@
 then rbd-fuse + loop for kernels with neither.
 """
 
+import importlib
 import logging
 
 from ..errors import MapperUnavailable
-from .fuse import FuseMapper
-from .krbd import KrbdMapper
-from .nbd import NbdMapper
 
 log = logging.getLogger("block-rbd")
 
-MAPPERS = {"krbd": KrbdMapper, "nbd": NbdMapper, "fuse": FuseMapper}
+# name -> (module, class); imported on first use to keep hotplug start-up lean.
+MAPPERS = {"krbd": ("krbd", "KrbdMapper"), "nbd": ("nbd", "NbdMapper"), "fuse": ("fuse", "FuseMapper")}
 AUTO_ORDER = ("krbd", "nbd", "fuse")
 
 
 def get(name, config, cluster=None):
     """The mapper called `name` (not checked for availability)."""
-    return MAPPERS[name](config, cluster)
+    module, cls = MAPPERS[name]
+    return getattr(importlib.import_module("." + module, __name__), cls)(config, cluster)
 
 
 def choose(config, requested=None, cluster=None):

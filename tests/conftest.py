@@ -1,0 +1,181 @@
+"""Fixtures shared by the whole suite.
+
+The cluster is real (tools/testcluster.py); the xenstore daemon is the
+wire-protocol double (tests/xenstored.py) driven by Debian's real xenstore
+tools, since this machine has no Xen.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import uuid
+
+import pytest
+import yaml
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "scripts", "block-rbd")
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+
+from testcluster import TestCluster  # noqa: E402
+from xenstored import XenstoredDouble  # noqa: E402
+
+
+def need(tool, package):
+    """Skip, naming the missing component, when a tool is absent."""
+    if not shutil.which(tool):
+        pytest.skip("%s not installed (Debian package %s; .ci/run installs it)" % (tool, package))
+
+
+@pytest.fixture(scope="session")
+def ceph_cluster():
+    need("ceph-mon", "ceph-mon")
+    directory = tempfile.mkdtemp(prefix="brbd-ceph-")
+    cluster = TestCluster(directory)
+    cluster.start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def rbd_admin(ceph_cluster):
+    """(rados.Rados, ioctx of the test pool) as the least-privilege test user."""
+    import rados
+    handle = rados.Rados(conffile=ceph_cluster.conf, rados_id=ceph_cluster.user,
+                         conf={"keyring": ceph_cluster.user_keyring})
+    handle.connect()
+    ioctx = handle.open_ioctx(ceph_cluster.pool)
+    yield handle, ioctx
+    ioctx.close()
+    handle.shutdown()
+
+
+@pytest.fixture
+def make_image(rbd_admin):
+    """Create a fresh image (default 64 MiB); removed after the test."""
+    import rbd
+    _handle, ioctx = rbd_admin
+    made = []
+
+    def make(name=None, size=64 << 20, features=None):
+        name = name or "img-" + uuid.uuid4().hex[:10]
+        kwargs = {"old_format": False}
+        if features is not None:
+            kwargs["features"] = features
+        rbd.RBD().create(ioctx, name, size, **kwargs)
+        made.append(name)
+        return name
+
+    yield make
+    for name in made:
+        remove_image(ioctx, name)
+
+
+def remove_image(ioctx, name):
+    """Remove an image, tolerating the ~30 s watcher linger of killed clients."""
+    import rbd
+    import time
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            with rbd.Image(ioctx, name) as image:
+                for snap in image.list_snaps():
+                    if image.is_protected_snap(snap["name"]):
+                        image.unprotect_snap(snap["name"])
+                    image.remove_snap(snap["name"])
+            rbd.RBD().remove(ioctx, name)
+            return
+        except rbd.ImageNotFound:
+            return
+        except (rbd.ImageBusy, rbd.ImageHasSnapshots):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1)
+
+
+@pytest.fixture
+def xenstored(tmp_path_factory, monkeypatch):
+    """A xenstored double; the real xenstore-* tools reach it via XENSTORED_PATH."""
+    need("xenstore-read", "xenstore-utils")
+    directory = tempfile.mkdtemp(prefix="xsd")  # short: Unix socket paths are limited
+    with XenstoredDouble(os.path.join(directory, "sock")) as daemon:
+        for key, value in daemon.env().items():
+            monkeypatch.setenv(key, value)
+        yield daemon
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def write_config(path, cluster, tmp, **overrides):
+    """A block-rbd YAML config for the test cluster's least-privilege user."""
+    data = {
+        "ceph": {"conf": cluster.conf, "id": cluster.user, "keyring": cluster.user_keyring},
+        "pool": cluster.pool,
+        "mapper": "fuse",
+        "host": "testhost",
+        "state_dir": os.path.join(tmp, "state"),
+        "fuse": {"mount_dir": os.path.join(tmp, "fuse")},
+        "log": {"file": os.path.join(tmp, "xen-hotplug.log"), "syslog": False},
+        "timeouts": {"connect": 5, "op": 5, "map": 10, "unmap": 10},
+    }
+    for dotted, value in overrides.items():
+        node = data
+        keys = dotted.split(".")
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+        node[keys[-1]] = value
+    with open(path, "w") as handle:
+        yaml.safe_dump(data, handle)
+    return str(path)
+
+
+@pytest.fixture
+def config_path(tmp_path, ceph_cluster, monkeypatch):
+    path = write_config(tmp_path / "block-rbd.yaml", ceph_cluster, str(tmp_path))
+    monkeypatch.setenv("BLOCK_RBD_CONFIG", path)
+    return path
+
+
+class Libxl:
+    """Does what libxl does around a hotplug script: backend keys, env, exit code."""
+
+    def __init__(self, xenstored):
+        self.xs = xenstored
+        self.next_devid = 51712
+
+    def backend(self, params, mode="w", domid=5, devid=None, vm=None):
+        devid = devid or self.next_devid
+        self.next_devid += 16
+        path = "backend/vbd/%d/%d" % (domid, devid)
+        full = "/local/domain/0/" + path
+        for key, value in (("params", params), ("mode", mode), ("frontend-id", str(domid)),
+                           ("dev", "xvdb"), ("type", "phy"), ("state", "2"),
+                           ("frontend", "/local/domain/%d/device/vbd/%d" % (domid, devid))):
+            self.xs.write("%s/%s" % (full, key), value)
+        if self.xs.read("/local/domain/%d/vm" % domid) is None:
+            self.xs.write("/local/domain/%d/vm" % domid, "/vm/" + (vm or str(uuid.uuid4())))
+        return path
+
+    def run(self, command, path, env=None, timeout=60):
+        environ = dict(os.environ, XENBUS_PATH=path, XENBUS_TYPE="vbd", XENBUS_BASE_PATH="backend")
+        environ.update(env or {})
+        return subprocess.run([sys.executable, SCRIPT, command], env=environ, cwd="/",
+                              stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                              timeout=timeout)
+
+    def keys(self, path):
+        prefix = "/local/domain/0/%s/" % path
+        return {k[len(prefix):]: v for k, v in self.xs.tree(prefix.rstrip("/")).items()
+                if k.startswith(prefix)}
+
+
+@pytest.fixture
+def libxl(xenstored):
+    return Libxl(xenstored)
+
+
+def json_out(result):
+    return json.loads(result.stdout)
