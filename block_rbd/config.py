@@ -99,6 +99,8 @@ def from_dict(data, path="<dict>"):
     values = {key: default for key, (default, _check, _what) in SCHEMA.items()}
     for key, value in given.items():
         if key not in SCHEMA:
+            if any(k.startswith(key + ".") for k in SCHEMA):
+                raise ConfigError("%s: %s must be a mapping (got %r)" % (path, key, value))
             raise ConfigError("%s: unknown key %r" % (path, key))
         _default, check, what = SCHEMA[key]
         if not check(value):
