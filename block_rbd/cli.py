@@ -7,6 +7,7 @@ straight to hotplug.py, without importing click).
 import json
 import logging
 import os
+import shutil
 import sys
 
 import click
@@ -17,6 +18,7 @@ from . import log as log_mod
 from . import process
 from .cluster import Cluster
 from .errors import BlockRbdError
+from .registry import Registry
 from .target import parse, parse_spec
 
 log = logging.getLogger("block-rbd")
@@ -89,7 +91,7 @@ def map_cmd(obj, target, mode):
     mode = parsed.mode or mode
     info = {"host": config.host, "vm": None, "domid": None, "devid": None, "backend": None}
     with Cluster(config) as cluster:
-        mapping = attachments.attach(config, cluster, parsed, mode, MANUAL, info)
+        mapping = attachments.attach(config, cluster, parsed, mode, MANUAL, info, Registry(config))
     click.echo(mapping.device)
 
 
@@ -121,7 +123,8 @@ def unmap_cmd(obj, what):
     with Cluster(config) as cluster:
         for spec, ro in held:
             click.echo("%s (%s): %s" % (spec, "ro" if ro else "rw",
-                                         attachments.detach(config, cluster, spec, ro, MANUAL)))
+                                         attachments.detach(config, cluster, spec, ro, MANUAL,
+                                                            Registry(config))))
 
 
 def mapped_rows(config):
@@ -171,5 +174,23 @@ def showmapped_cmd(obj, fmt):
         click.echo("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip())
 
 
+@cli.command("doctor")
+@click.pass_obj
+def doctor_cmd(obj):
+    """Check this host: configuration, keyring, cluster, mappers, Xen."""
+    from . import doctor
+    from .xenstore import Xenstore
+    config = obj.config
+    reachable = os.path.exists("/proc/xen/capabilities") or os.environ.get("XENSTORED_PATH")
+    xs = Xenstore() if reachable and shutil.which("xenstore-ls") else None
+    results = doctor.run(config, xs)
+    for level, message in results:
+        click.echo("%-4s  %s" % (level.upper(), message))
+    if any(level == doctor.FAIL for level, _ in results):
+        sys.exit(1)
+
+
 def main():
+    from . import cli_access  # noqa: F401
+    from . import cli_images  # noqa: F401
     cli(prog_name="block-rbd")
