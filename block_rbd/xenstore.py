@@ -10,18 +10,23 @@ import re
 from . import process
 from .errors import CommandError, XenstoreError
 
-_OCTAL = re.compile(r"\\([0-7]{3}|.)")
-_NAMED = {"t": "\t", "n": "\n", "r": "\r", "a": "\a", "b": "\b", "f": "\f", "v": "\v", "\\": "\\"}
+# libxenstore's sanitise_value(): bytes outside ' '..'~' become \t \n \r \\,
+# \ooo (below 010) or \xhh; the value's bytes are UTF-8 text for us.
+_ESCAPE = re.compile(rb"\\(x[0-9a-fA-F]{2}|[0-7]{3}|.)", re.DOTALL)
+_NAMED = {b"t": b"\t", b"n": b"\n", b"r": b"\r", b"a": b"\a", b"b": b"\b", b"f": b"\f", b"v": b"\v",
+          b"\\": b"\\"}
 
 
 def unescape(text):
-    """Undo the tools' quoting of a value (`\\\\`, `\\n`, `\\ooo`...)."""
+    """Undo the tools' quoting of a value (`\\\\`, `\\n`, `\\ooo`, `\\xhh`...)."""
     def one(match):
         code = match.group(1)
+        if code[:1] == b"x" and len(code) == 3:
+            return bytes([int(code[1:], 16)])
         if len(code) == 3:
-            return chr(int(code, 8))
+            return bytes([int(code, 8)])
         return _NAMED.get(code, code)
-    return _OCTAL.sub(one, text)
+    return _ESCAPE.sub(one, text.encode("utf-8", "surrogateescape")).decode("utf-8", "replace")
 
 
 def parse_ls(output, prefix):
