@@ -54,6 +54,8 @@ SCHEMA = {
                        "an absolute path"),
     "access.stale": ("refuse", lambda v: v in ("refuse", "fence"), "refuse or fence"),
     "access.exclusive_map": (False, lambda v: isinstance(v, bool), "true or false"),
+    # Bound of one cluster-wide access check, waits for a busy check included.
+    "access.timeout": (5, _positive, "seconds > 0"),
 }
 
 

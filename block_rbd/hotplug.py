@@ -22,6 +22,7 @@ from . import process
 from .cluster import Cluster
 from .errors import BlockRbdError, HotplugTimeout, TargetError
 from .mappers.base import device_numbers
+from .registry import Registry
 from .target import effective_mode, parse, parse_spec, read_only
 from .xenstore import Xenstore
 
@@ -81,12 +82,13 @@ def add(config, backend):
     frontend = keys.get("frontend-id", "")
     info = {"host": config.host, "vm": backend.vm_uuid(frontend) if frontend else None,
             "domid": frontend, "devid": backend.devid, "backend": backend.path}
+    registry = Registry(config)
     with Cluster(config) as cluster:
-        mapping = attachments.attach(config, cluster, target, mode, backend.path, info)
+        mapping = attachments.attach(config, cluster, target, mode, backend.path, info, registry)
         try:
             backend.connected(mapping.device, mapping, mode)
         except BaseException:
-            attachments.detach(config, cluster, target.spec, read_only(mode), backend.path)
+            attachments.detach(config, cluster, target.spec, read_only(mode), backend.path, registry)
             raise
     log.info("add: %s mode %s -> %s via %s in %.2f s", target.spec, mode, mapping.device,
              mapping.mapper, time.monotonic() - started)
@@ -106,7 +108,7 @@ def remove(config, backend):
             return
         spec = target.spec
     with Cluster(config) as cluster:
-        done = attachments.detach(config, cluster, spec, read_only(mode), backend.path)
+        done = attachments.detach(config, cluster, spec, read_only(mode), backend.path, Registry(config))
     log.info("remove: %s mode %s: %s", spec, mode, done)
 
 

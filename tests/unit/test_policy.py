@@ -1,0 +1,152 @@
+"""The access policy, exhaustively: requested × existing × same/other VM × state."""
+
+import itertools
+
+import pytest
+
+from block_rbd import policy
+from block_rbd.errors import AccessDenied
+from block_rbd.policy import ALIVE, PENDING, STALE, Registration, decide
+
+MODES = ("r", "w", "r!", "w!")
+VM_A = "11111111-1111-1111-1111-111111111111"
+VM_B = "22222222-2222-2222-2222-222222222222"
+
+
+def reg(mode, vm=VM_B, host="h2", holder="backend/vbd/7/51712", state=ALIVE, client="10.0.0.2:0/7",
+        domid="7", since=1700000000):
+    return Registration(host=host, holder=holder, mode=mode, vm=vm, domid=domid, devid="51712",
+                        client=client, since=since, state=state)
+
+
+def expected_grant(requested, existing, same_vm):
+    if requested.endswith("!") or same_vm:
+        return True
+    if requested == "w":
+        return False
+    return existing not in ("w", "w!")
+
+
+@pytest.mark.parametrize("requested,existing,same_vm,state",
+                         list(itertools.product(MODES, MODES, (True, False), (ALIVE, PENDING, STALE))))
+def test_matrix(requested, existing, same_vm, state):
+    existing_reg = reg(existing, vm=VM_A if same_vm else VM_B, state=state)
+    grant = expected_grant(requested, existing, same_vm)
+    if grant:
+        decision = decide("rbd/img", requested, VM_A, [existing_reg])
+        assert decision.fence == ()
+    else:
+        with pytest.raises(AccessDenied) as info:
+            decide("rbd/img", requested, VM_A, [existing_reg])
+        message = str(info.value)
+        assert "\n" not in message and message.startswith("rbd/img: %s refused" % requested)
+        for part in ("h2", VM_B, "domid 7", "devid 51712", "10.0.0.2:0/7", "2023-11-14T22:13:20Z"):
+            assert part in message
+        if state == STALE:
+            assert "block-rbd break-lock rbd/img h2:backend/vbd/7/51712" in message
+
+
+@pytest.mark.parametrize("requested,existing", list(itertools.product(MODES, MODES)))
+def test_stale_conflict_is_fenced_under_fence(requested, existing):
+    stale = reg(existing, state=STALE)
+    decision = decide("rbd/img", requested, VM_A, [stale], stale="fence")
+    if expected_grant(requested, existing, False) and not requested.endswith("!"):
+        assert decision.fence == ()  # not in conflict: left alone
+    elif requested.endswith("!"):
+        assert decision.fence == ()  # forced modes never touch others
+    else:
+        assert decision.fence == (stale,)
+
+
+def test_live_conflict_wins_over_stale_one_under_fence():
+    with pytest.raises(AccessDenied, match="attached w by VM %s" % VM_B):
+        decide("rbd/img", "w", VM_A, [reg("r", state=STALE, vm="x"), reg("w")], stale="fence")
+
+
+def test_refusal_names_the_oldest_live_holder():
+    regs = [reg("r", vm="late", since=1700000500, host="h3"), reg("r", vm="early", since=1700000000)]
+    with pytest.raises(AccessDenied, match="VM early"):
+        decide("rbd/img", "w", VM_A, regs)
+
+
+@pytest.mark.parametrize("requested", MODES)
+def test_foreign_watchers_refuse_only_w(requested):
+    if requested == "w":
+        with pytest.raises(AccessDenied, match="watched by client 1.2.3.4:0/9 outside block-rbd"):
+            decide("rbd/img", requested, VM_A, [], foreign_watchers=["1.2.3.4:0/9"])
+    else:
+        decide("rbd/img", requested, VM_A, [], foreign_watchers=["1.2.3.4:0/9"])
+
+
+@pytest.mark.parametrize("requested", MODES)
+def test_foreign_lock_owner_refuses_r(requested):
+    if requested == "r":
+        with pytest.raises(AccessDenied, match="owns the exclusive lock"):
+            decide("rbd/img", requested, VM_A, [], foreign_lock_owners=["1.2.3.4:0/9"])
+    else:
+        decide("rbd/img", requested, VM_A, [], foreign_lock_owners=["1.2.3.4:0/9"])
+
+
+def test_foreign_watcher_refuses_w_before_anything_is_fenced():
+    with pytest.raises(AccessDenied, match="outside block-rbd"):
+        decide("rbd/img", "w", VM_A, [reg("w", state=STALE)], foreign_watchers=["9.9.9.9:0/1"],
+               stale="fence")
+
+
+def test_empty_image_grants_every_mode():
+    for mode in MODES:
+        assert decide("rbd/img", mode, VM_A, []).fence == ()
+
+
+def test_bad_mode():
+    with pytest.raises(ValueError):
+        decide("rbd/img", "rw", VM_A, [])
+
+
+def test_identity_dom0_is_per_host():
+    assert policy.identity("h1", policy.DOM0_UUID, "0") == "dom0@h1"
+    assert policy.identity("h1", VM_A, "0") == "dom0@h1"
+    assert policy.identity("h1", None, None) == "dom0@h1"
+    assert policy.identity("h1", VM_A, "5") == VM_A
+    assert policy.identity("h1", VM_A, "5") == policy.identity("h2", VM_A, "9")  # migration
+    assert policy.identity("h1", None, None) != policy.identity("h2", None, None)
+
+
+def test_dom0_of_two_hosts_conflict():
+    other_dom0 = reg("w", vm=policy.DOM0_UUID, domid="0", host="h2")
+    with pytest.raises(AccessDenied, match="w by dom0"):
+        decide("rbd/img", "w", policy.identity("h1", policy.DOM0_UUID, "0"), [other_dom0])
+
+
+def test_same_vm_on_another_host_never_conflicts():
+    decide("rbd/img", "w", VM_A, [reg("w", vm=VM_A, host="src")])
+
+
+def test_state_of():
+    r = reg("w", client="a:0/1", since=100)
+    assert policy.state_of(r, ["a:0/1"], 1000, 40) == ALIVE
+    assert policy.state_of(r, ["b:0/2"], 1000, 40) == STALE
+    p = reg("w", client=None, since=100)
+    assert policy.state_of(p, [], 130, 40) == PENDING
+    assert policy.state_of(p, [], 141, 40) == STALE
+
+
+def test_foreign():
+    regs = [reg("w", client="a:0/1"), reg("r", client=None)]
+    assert policy.foreign(["a:0/1", "b:0/2", "me:0/3"], regs, own={"me:0/3"}) == ["b:0/2"]
+
+
+def test_conflicts_table():
+    table = {(q, e): policy.conflicts(q, e) for q in MODES for e in MODES}
+    assert table == {
+        ("r", "r"): False, ("r", "w"): True, ("r", "r!"): False, ("r", "w!"): True,
+        ("w", "r"): True, ("w", "w"): True, ("w", "r!"): True, ("w", "w!"): True,
+        ("r!", "r"): False, ("r!", "w"): False, ("r!", "r!"): False, ("r!", "w!"): False,
+        ("w!", "r"): False, ("w!", "w"): False, ("w!", "r!"): False, ("w!", "w!"): False,
+    }
+
+
+def test_record_roundtrip_and_key():
+    r = reg("w!")
+    assert r.key == "h2:backend/vbd/7/51712"
+    assert Registration(**r.as_record()).as_record() == r.as_record()
