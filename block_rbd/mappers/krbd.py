@@ -58,7 +58,7 @@ def kernel_mon_addrs(mon_host, msgr2):
             pos += 1
             continue
         if text[pos] == "[" and text[pos + 1:pos + 4] in ("v1:", "v2:"):
-            end = text.index("]", pos)
+            end = _closing_bracket(text, pos)
             vec = [a for a in text[pos + 1:end].split(",") if a]
             pos = end + 1
             picked = [a[3:] for a in vec if a.startswith(want + ":")]
@@ -84,6 +84,19 @@ def kernel_mon_addrs(mon_host, msgr2):
     if not addrs:
         raise MapperError("no %s monitor address in mon_host %r" % (want, mon_host))
     return ",".join(addrs)
+
+
+def _closing_bracket(text, start):
+    """Index of the "]" closing the "[" at `start`: an addrvec holds "[ipv6]" addresses."""
+    depth = 0
+    for pos in range(start, len(text)):
+        if text[pos] == "[":
+            depth += 1
+        elif text[pos] == "]":
+            depth -= 1
+            if depth == 0:
+                return pos
+    raise MapperError("unbalanced '[' in mon_host %r" % text)
 
 
 def _resolve(host):
