@@ -28,6 +28,10 @@ def attach(config, cluster, target, mode, holder, info, registry=None):
     """
     spec = target.spec
     read_only = is_read_only(mode)
+    if target.clone:
+        # clone= : create the image from the golden snapshot on first attach.
+        from . import images
+        images.ensure_clone(cluster, target)
     cluster.check_image(spec)
     state = local_state(config)
     with state.lock(spec):
