@@ -93,10 +93,10 @@ class Registry:
                 watchers = [w["addr"] for w in image.watchers_list()]
                 owners = []
                 if image.features() & rbd.RBD_FEATURE_EXCLUSIVE_LOCK:
-                    try:
-                        owners = [o["owner"] for o in image.lock_get_owners()]
-                    except (rbd.InvalidArgument, rbd.ImageNotFound):
-                        pass  # librbd's answer when nobody owns the lock
+                    # lock_get_owners fails on a read-only handle; list_lockers shows
+                    # rbd_lock's holders: the exclusive-lock owner (cookie "auto ...").
+                    lockers = image.list_lockers() or {}
+                    owners = [addr for _client, _cookie, addr in lockers.get("lockers", [])]
         except (rados.Error, rbd.Error) as exc:
             raise translate(exc, "image %s" % spec.head()) from None
         return watchers, owners

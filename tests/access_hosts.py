@@ -1,0 +1,83 @@
+"""Several dom0s on one machine: one config, cephx user, state and fuse dir each.
+
+Shared by the access-mode tests and benchmarks/access_soak.py.
+"""
+
+import os
+import subprocess
+import sys
+import time
+
+from conftest import SCRIPT, write_config
+
+from block_rbd import config as config_mod
+
+
+class Host:
+    """One simulated dom0 of the cluster."""
+
+    def __init__(self, name, cluster, tmp, user, keyring, libxl=None, **overrides):
+        self.name = name
+        self.tmp = os.path.join(str(tmp), name)
+        os.makedirs(self.tmp, exist_ok=True)
+        self.libxl = libxl
+        self.cluster = cluster
+        self._user, self._keyring = user, keyring
+        self.config_path = self.write(**overrides)
+
+    def write(self, **overrides):
+        values = {"host": self.name, "ceph.id": self._user, "ceph.keyring": self._keyring}
+        values.update(overrides)
+        path = os.path.join(self.tmp, "block-rbd.yaml")
+        return write_config(path, self.cluster, self.tmp, **values)
+
+    def config(self):
+        return config_mod.load(self.config_path)
+
+    def env(self):
+        return {"BLOCK_RBD_CONFIG": self.config_path}
+
+    def backend(self, image, mode="w", domid=5, vm=None, params_extra=""):
+        return self.libxl.backend("%s/%s%s" % (self.cluster.pool, image, params_extra), mode=mode,
+                                  domid=domid, vm=vm)
+
+    def add(self, path):
+        return self.libxl.run("add", path, env=self.env())
+
+    def remove(self, path):
+        return self.libxl.run("remove", path, env=self.env())
+
+    def cli(self, *args, timeout=60):
+        return subprocess.run([sys.executable, SCRIPT, "--config", self.config_path] + list(args),
+                              capture_output=True, text=True, timeout=timeout, cwd="/",
+                              stdin=subprocess.DEVNULL)
+
+
+def watchers(ioctx, image):
+    import rbd
+    with rbd.Image(ioctx, image, read_only=True) as handle:
+        return [w["addr"] for w in handle.watchers_list()]
+
+
+def wait_watcher_gone(ioctx, image, addr, timeout=60):
+    """Killed clients' watches linger until the OSD's watch timeout (~30 s)."""
+    deadline = time.monotonic() + timeout
+    while addr in watchers(ioctx, image):
+        if time.monotonic() > deadline:
+            raise AssertionError("watcher %s of %s still there after %d s" % (addr, image, timeout))
+        time.sleep(0.5)
+
+
+def fuse_pid(mountpoint):
+    """Pid of the rbd-fuse process serving `mountpoint`."""
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open("/proc/%s/cmdline" % pid, "rb") as handle:
+                argv = handle.read().split(b"\0")
+        except OSError:
+            continue
+        if argv and argv[0].endswith(b"rbd-fuse") and mountpoint.encode() in argv:
+            return int(pid)
+    return None
