@@ -1,0 +1,590 @@
+#!/usr/bin/python3
+"""Build the Xen-in-QEMU boot set: xen.elf, the dom0 kernel and a busybox dom0 initramfs.
+
+Nothing is installed on the host: the Xen hypervisor, dom0 kernel, Xen tools and
+busybox-static come from `apt-get download` + `dpkg-deb -x` into a cache directory
+(BLOCK_RBD_XEN_CACHE, default /var/cache/block-rbd-xen).  Ceph client tools, python3 and
+the Python bindings are taken from the host's installed Debian packages (the project
+installs them anyway) and recorded by version.
+
+Outputs are cached by a hash of their inputs:
+  out/base-<hash>/      xen.elf, vmlinuz, base.cpio.gz   (package versions + dom0/ files)
+  out/checkout-<hash>.cpio.gz                             (this checkout's block_rbd + script)
+  out/dom0-<hash>.cpio.gz  the two concatenated (the kernel unpacks both members)
+
+CLI:  python3 tests/xen/build_dom0.py [--checkout DIR] [--force] [--json]
+"""
+
+import argparse
+import glob
+import gzip
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from cpio import CpioWriter, write_tree  # noqa: E402
+
+DEFAULT_CACHE = "/var/cache/block-rbd-xen"
+XEN_VER = "4.17"
+
+# Packages fetched with apt-get download (never installed on the host).
+DEB_PACKAGES = [
+    "xen-hypervisor-4.17-amd64",
+    "@KERNEL@",
+    "xen-utils-4.17",
+    "xen-utils-common",
+    "xenstore-utils",
+    "busybox-static",
+    "libxenmisc4.17",
+    "libxencall1",
+    "libxenevtchn1",
+    "libxenforeignmemory1",
+    "libxengnttab1",
+    "libxenstore4",
+    "libxentoollog1",
+    "libxendevicemodel1",
+    "libxentoolcore1",
+    "libxenhypfs1",
+    "libyajl2",
+]
+
+# Host packages whose files go into dom0 (versions feed the cache key).
+HOST_PACKAGES = [
+    "python3.11", "libpython3.11-stdlib", "python3-rados", "python3-rbd", "python3-click",
+    "python3-yaml", "ceph-common", "rbd-nbd", "librados2", "librbd1", "bash", "libc6",
+    "libgcc-s1", "coreutils", "mount", "util-linux",
+]
+
+KMOD_ROOTS = [
+    "xenfs", "xen-evtchn", "xen-gntdev", "xen-gntalloc", "xen-privcmd", "xen-blkback",
+    "xen-blkfront", "loop", "rbd", "nbd", "e1000", "virtio_pci", "virtio_net",
+    "libceph", "libcrc32c", "crc32c_generic", "crc32c-intel", "dns_resolver",
+    # ms_mode=secure needs these (facts file); cheap to carry.
+    "gcm", "ghash-generic", "ctr", "seqiv",
+]
+
+XEN_BINS = ["xl", "xenstored", "xen-init-dom0", "xenconsoled", "xenconsole",
+            "libxl-save-helper"]
+XENSTORE_TOOLS = ["xenstore", "xenstore-read", "xenstore-write", "xenstore-rm",
+                  "xenstore-list", "xenstore-ls", "xenstore-exists", "xenstore-chmod",
+                  "xenstore-watch"]
+HOST_BINS = ["/usr/bin/bash", "/usr/bin/rbd", "/usr/bin/rbd-nbd", "/usr/bin/python3.11",
+             "/usr/bin/setsid", "/usr/sbin/losetup", "/usr/bin/flock", "/usr/sbin/blockdev",
+             "/usr/bin/stat", "/usr/bin/readlink"]
+PY_STDLIB = "/usr/lib/python3.11"
+PY_STDLIB_EXCLUDE = {"test", "idlelib", "tkinter", "turtledemo", "ensurepip", "lib2to3",
+                     "config-3.11-x86_64-linux-gnu", "pydoc_data", "unittest/test",
+                     "distutils/tests", "ctypes/test", "sqlite3/test", "tkinter/test"}
+PY_DIST = "/usr/lib/python3/dist-packages"
+PY_DIST_ITEMS = ["rados.cpython-311-x86_64-linux-gnu.so", "rbd.cpython-311-x86_64-linux-gnu.so",
+                 "click", "yaml", "_yaml"]
+EXTRA_HOST_LIBS = ["/usr/lib/x86_64-linux-gnu/libgcc_s.so.1"]
+EXTRA_HOST_DIRS = ["/usr/lib/x86_64-linux-gnu/ceph/crypto",
+                   "/usr/lib/x86_64-linux-gnu/ceph/compressor"]
+
+CMD_TIMEOUT = 600
+
+
+def log(msg):
+    print(f"[build_dom0 {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def run(argv, timeout=CMD_TIMEOUT, **kw):
+    return subprocess.run(argv, check=True, timeout=timeout, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, **kw)
+
+
+def cache_dir():
+    return os.environ.get("BLOCK_RBD_XEN_CACHE") or DEFAULT_CACHE
+
+
+def sha(parts):
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p if isinstance(p, bytes) else str(p).encode())
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- package resolution
+def resolve_packages():
+    out = run(["apt-cache", "depends", "--no-recommends", "--no-suggests",
+               "linux-image-amd64"]).stdout
+    m = re.search(r"Depends: (linux-image-6\.1\.0-\d+-amd64)\b", out)
+    if not m:
+        raise RuntimeError(f"cannot resolve linux-image-amd64: {out!r}")
+    kernel = m.group(1)
+    names = [kernel if p == "@KERNEL@" else p for p in DEB_PACKAGES]
+    pol = run(["apt-cache", "policy"] + names).stdout
+    versions, cur = {}, None
+    for line in pol.splitlines():
+        if line and not line.startswith(" ") and line.endswith(":"):
+            cur = line[:-1].split(":")[0]
+        elif cur and line.strip().startswith("Candidate:"):
+            versions[cur] = line.split(":", 1)[1].strip()
+    missing = [n for n in names if versions.get(n) in (None, "(none)")]
+    if missing:
+        raise RuntimeError(f"no candidate for {missing}; run apt-get update")
+    return kernel, {n: versions[n] for n in names}
+
+
+def host_versions():
+    out = subprocess.run(["dpkg-query", "-W", "-f", "${Package} ${Version} ${Status}\n"]
+                         + HOST_PACKAGES, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, timeout=60)
+    vers = {}
+    for line in out.stdout.splitlines():
+        parts = line.split(" ", 2)
+        if len(parts) == 3 and "installed" in parts[2] and "not-installed" not in parts[2]:
+            vers[parts[0]] = parts[1]
+    missing = [p for p in HOST_PACKAGES if p not in vers]
+    if missing:
+        raise RuntimeError(f"host packages missing (apt-get install them): {missing}")
+    return vers
+
+
+def fetch_and_extract(cache, versions):
+    debs = os.path.join(cache, "debs")
+    ext = os.path.join(cache, "extract")
+    os.makedirs(debs, exist_ok=True)
+    os.makedirs(ext, exist_ok=True)
+    roots = {}
+    want = []
+    for name, ver in versions.items():
+        pattern = os.path.join(debs, f"{name}_*.deb")
+        found = [f for f in glob.glob(pattern) if deb_version(f) == ver]
+        if not found:
+            want.append(f"{name}={ver}")
+    if want:
+        log(f"apt-get download {' '.join(want)}")
+        # apt drops privileges to _apt; let it write into the directory.
+        try:
+            shutil.chown(debs, user="_apt")
+        except (LookupError, PermissionError, OSError):
+            pass
+        run(["apt-get", "download", "-q"] + want, cwd=debs, timeout=900)
+    for name, ver in versions.items():
+        deb = [f for f in glob.glob(os.path.join(debs, f"{name}_*.deb")) if deb_version(f) == ver]
+        if not deb:
+            raise RuntimeError(f"download of {name}={ver} did not produce a .deb")
+        root = os.path.join(ext, f"{name}_{ver.replace(':', '%3a')}")
+        if not os.path.exists(root + ".done"):
+            shutil.rmtree(root, ignore_errors=True)
+            run(["dpkg-deb", "-x", deb[0], root])
+            open(root + ".done", "w").close()
+        roots[name] = root
+    return roots
+
+
+def deb_version(path):
+    base = os.path.basename(path)[:-4]
+    parts = base.split("_")
+    return parts[1].replace("%3a", ":") if len(parts) >= 3 else None
+
+
+# ---------------------------------------------------------------- ELF / kernel modules
+def modinfo_depends(path):
+    """`depends=` from the .modinfo section of a .ko (parsed, so no modinfo is needed)."""
+    import struct
+    with open(path, "rb") as fh:
+        data = fh.read()
+    if data[:4] != b"\x7fELF" or data[4] != 2:
+        raise RuntimeError(f"not ELF64: {path}")
+    shoff, = struct.unpack_from("<Q", data, 0x28)
+    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", data, 0x3A)
+
+    def sh(i):
+        off = shoff + i * shentsize
+        name, _t, _f, _a, offset, size = struct.unpack_from("<IIQQQQ", data, off)
+        return name, offset, size
+
+    _n, stroff, _s = sh(shstrndx)
+    for i in range(shnum):
+        name, offset, size = sh(i)
+        end = data.index(b"\0", stroff + name)
+        if data[stroff + name:end] == b".modinfo":
+            for item in data[offset:offset + size].split(b"\0"):
+                if item.startswith(b"depends="):
+                    val = item[len(b"depends="):].decode()
+                    return [d for d in val.split(",") if d]
+            return []
+    return []
+
+
+def module_closure(modroot):
+    index = {}
+    for path in glob.glob(os.path.join(modroot, "kernel", "**", "*.ko"), recursive=True):
+        index[os.path.basename(path)[:-3].replace("-", "_")] = path
+    todo = [m.replace("-", "_") for m in KMOD_ROOTS]
+    chosen = {}
+    builtin = set()
+    with open(os.path.join(modroot, "modules.builtin")) as fh:
+        for line in fh:
+            builtin.add(os.path.basename(line.strip())[:-3].replace("-", "_"))
+    while todo:
+        m = todo.pop()
+        if m in chosen:
+            continue
+        if m not in index:
+            if m in builtin:
+                continue
+            raise RuntimeError(f"kernel module {m} not found")
+        chosen[m] = index[m]
+        todo.extend(d.replace("-", "_") for d in modinfo_depends(index[m]))
+    return chosen
+
+
+# ---------------------------------------------------------------- library closure
+def ldd(path, libpath):
+    env = {"PATH": "/usr/bin:/bin", "LD_LIBRARY_PATH": ":".join(libpath)}
+    p = subprocess.run(["ldd", path], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                       text=True, timeout=60, env=env)
+    if p.returncode != 0:
+        if "not a dynamic executable" in p.stdout + p.stderr:
+            return []
+        raise RuntimeError(f"ldd {path}: {p.stdout}{p.stderr}")
+    libs = []
+    for line in p.stdout.splitlines():
+        line = line.strip()
+        if "=> not found" in line:
+            raise RuntimeError(f"ldd {path}: {line}")
+        m = re.match(r"\S+ => (/\S+) \(", line) or re.match(r"(/\S+) \(", line)
+        if m:
+            libs.append(m.group(1))
+    return libs
+
+
+def usr_path(p):
+    for pre in ("/lib64/", "/lib/", "/bin/", "/sbin/"):
+        if p.startswith(pre):
+            return "/usr" + p
+    return p
+
+
+class Stage:
+    def __init__(self, root, ext_roots):
+        self.root = root
+        self.ext_roots = ext_roots  # extracted package roots
+        self.libpath = []
+        for r in ext_roots:
+            for sub in ("usr/lib/x86_64-linux-gnu", "lib/x86_64-linux-gnu"):
+                if os.path.isdir(os.path.join(r, sub)):
+                    self.libpath.append(os.path.join(r, sub))
+        self.done_libs = set()
+
+    def dest_of(self, src):
+        for r in self.ext_roots:
+            if src.startswith(r + "/"):
+                return usr_path("/" + os.path.relpath(src, r))
+        return usr_path(src)
+
+    def put_file(self, src, dest=None, mode=None):
+        dest = dest or self.dest_of(src)
+        full = self.root + dest
+        os.makedirs(os.path.dirname(full), exist_ok=True)
+        if os.path.lexists(full):
+            os.unlink(full)
+        shutil.copyfile(src, full)  # follows symlinks: content at the listed name
+        os.chmod(full, mode if mode is not None else (os.stat(src).st_mode & 0o7777))
+        return dest
+
+    def symlink(self, dest, target):
+        full = self.root + dest
+        os.makedirs(os.path.dirname(full), exist_ok=True)
+        if os.path.lexists(full):
+            os.unlink(full)
+        os.symlink(target, full)
+
+    def write(self, dest, text, mode=0o644):
+        full = self.root + dest
+        os.makedirs(os.path.dirname(full), exist_ok=True)
+        with open(full, "w") as fh:
+            fh.write(text)
+        os.chmod(full, mode)
+
+    def with_libs(self, src, dest=None, mode=None):
+        d = self.put_file(src, dest, mode)
+        self.libs_of(src)
+        return d
+
+    def libs_of(self, src):
+        for lib in ldd(src, self.libpath):
+            if lib in self.done_libs:
+                continue
+            self.done_libs.add(lib)
+            self.put_file(lib)
+            self.libs_of(lib)
+
+
+# ---------------------------------------------------------------- the build
+def base_inputs(versions, hostvers):
+    files = [os.path.join(HERE, "build_dom0.py"), os.path.join(HERE, "cpio.py")]
+    parts = [json.dumps(versions, sort_keys=True), json.dumps(hostvers, sort_keys=True)]
+    for f in files:
+        with open(f, "rb") as fh:
+            parts += [os.path.basename(f), fh.read()]
+    return sha(parts)
+
+
+def build_base(cache, kernel, versions, roots, outdir):
+    t0 = time.time()
+    stage_dir = outdir + ".stage"
+    shutil.rmtree(stage_dir, ignore_errors=True)
+    os.makedirs(stage_dir)
+    ext_roots = [roots[n] for n in versions]
+    st = Stage(stage_dir, ext_roots)
+    R = stage_dir
+
+    # skeleton: merged /usr like Debian 12
+    for d in ("usr/bin", "usr/sbin", "usr/lib64", "usr/lib/x86_64-linux-gnu", "proc", "sys",
+              "dev", "run", "tmp", "root", "mnt", "etc/xen/scripts", "var/log/xen/console",
+              "var/lib/xen", "var/lib/xenstored", "var/tmp", "brbd/out", "brbd/run",
+              "brbd/ceph", "brbd/tmp"):
+        os.makedirs(os.path.join(R, d), exist_ok=True)
+    for link, target in (("bin", "usr/bin"), ("sbin", "usr/sbin"), ("lib", "usr/lib"),
+                         ("lib64", "usr/lib64")):
+        os.symlink(target, os.path.join(R, link))
+    os.symlink("../run", os.path.join(R, "var/run"))
+    os.chmod(os.path.join(R, "tmp"), 0o1777)
+
+    # busybox and its applets
+    bb_root = roots["busybox-static"]
+    bb = os.path.join(bb_root, "bin/busybox")
+    st.put_file(bb, "/usr/bin/busybox", 0o755)
+    applets = run([bb, "--list-full"]).stdout.split()
+
+    # Xen hypervisor + dom0 kernel
+    xen_root = roots["xen-hypervisor-4.17-amd64"]
+    with gzip.open(os.path.join(xen_root, f"boot/xen-{XEN_VER}-amd64.gz")) as fh:
+        xen_elf = fh.read()
+    with open(os.path.join(outdir + ".tmp", "xen.elf"), "wb") as fh:
+        fh.write(xen_elf)
+    kroot = roots[kernel]
+    kver = kernel[len("linux-image-"):]
+    shutil.copyfile(os.path.join(kroot, f"boot/vmlinuz-{kver}"),
+                    os.path.join(outdir + ".tmp", "vmlinuz"))
+
+    # kernel modules by dependency closure
+    modroot = os.path.join(kroot, "lib/modules", kver)
+    mods = module_closure(modroot)
+    for name, path in sorted(mods.items()):
+        st.put_file(path, "/usr/lib/modules/%s/%s" % (kver, os.path.relpath(path, modroot)), 0o644)
+    for f in ("modules.order", "modules.builtin", "modules.builtin.modinfo"):
+        st.put_file(os.path.join(modroot, f), f"/usr/lib/modules/{kver}/{f}", 0o644)
+    run([bb, "depmod", "-b", R, kver])
+
+    # Xen tools
+    xu = roots["xen-utils-4.17"]
+    for b in XEN_BINS:
+        d = st.with_libs(os.path.join(xu, f"usr/lib/xen-{XEN_VER}/bin", b))
+        st.symlink(f"/usr/sbin/{b}", d)
+    xs = roots["xenstore-utils"]
+    for b in XENSTORE_TOOLS:
+        st.with_libs(os.path.join(xs, "usr/bin", b))
+    xc = roots["xen-utils-common"]
+    for f in glob.glob(os.path.join(xc, "etc/xen/scripts/*")):
+        st.put_file(f)
+    st.put_file(os.path.join(xc, "etc/xen/xl.conf"))
+
+    # host binaries, python, ceph client
+    for b in HOST_BINS:
+        st.with_libs(b)
+    st.symlink("/usr/bin/python3", "python3.11")
+    st.symlink("/usr/bin/sh", "busybox")  # bash is there, but /bin/sh stays busybox ash
+    for lib in EXTRA_HOST_LIBS:
+        st.put_file(lib)
+    for d in EXTRA_HOST_DIRS:
+        for f in sorted(glob.glob(os.path.join(d, "*.so*"))):
+            st.with_libs(f)
+    copy_tree(PY_STDLIB, R + PY_STDLIB, PY_STDLIB_EXCLUDE)
+    for item in PY_DIST_ITEMS:
+        src = os.path.join(PY_DIST, item)
+        if os.path.isdir(src):
+            copy_tree(src, R + src, set())
+        else:
+            st.put_file(src)
+    for so in sorted(glob.glob(R + "/usr/lib/python3*/**/*.so", recursive=True)):
+        st.libs_of(so[len(R):])
+
+    # busybox applet links where nothing real is installed
+    for a in applets:
+        dest = usr_path("/" + a)
+        if not os.path.lexists(R + dest):
+            st.symlink(dest, "/usr/bin/busybox")
+
+    # config files (/init itself comes in the small dom0-files layer)
+    st.write("/etc/passwd", "root:x:0:0:root:/root:/bin/sh\n")
+    st.write("/etc/group", "root:x:0:\ndisk:x:6:\n")
+    st.write("/etc/hosts", "127.0.0.1 localhost\n10.250.250.2 dom0\n")
+    st.write("/etc/nsswitch.conf", "passwd: files\ngroup: files\nhosts: files\n")
+    st.write("/etc/brbd-kernel-version", kver + "\n")
+    st.write("/etc/brbd-manifest.json", json.dumps(
+        {"packages": versions, "modules": sorted(mods)}, indent=1, sort_keys=True))
+
+    # pack
+    buf = io.BytesIO()
+    w = CpioWriter(buf)
+    write_tree(w, R)
+    w.close()
+    raw = buf.getvalue()
+    with open(os.path.join(outdir + ".tmp", "base.cpio.gz"), "wb") as fh:
+        fh.write(gzip.compress(raw, compresslevel=1, mtime=0))
+    shutil.rmtree(stage_dir)
+    log(f"base initramfs: {len(raw) / 1e6:.1f} MB raw, {len(mods)} modules, "
+        f"{time.time() - t0:.1f}s")
+
+
+def copy_tree(src, dst, exclude):
+    for dirpath, dirnames, filenames in os.walk(src):
+        rel = os.path.relpath(dirpath, src)
+        dirnames[:] = sorted(d for d in dirnames
+                             if os.path.normpath(os.path.join(rel, d)) not in exclude)
+        os.makedirs(os.path.join(dst, rel), exist_ok=True)
+        for f in filenames:
+            s = os.path.join(dirpath, f)
+            d = os.path.join(dst, rel, f)
+            if os.path.islink(s):
+                os.symlink(os.readlink(s), d)
+            else:
+                shutil.copy2(s, d)
+
+
+CHECKOUT_DIRS = ["block_rbd", "scripts", "etc"]
+
+
+def checkout_files(checkout):
+    files = []
+    for d in CHECKOUT_DIRS:
+        top = os.path.join(checkout, d)
+        for dirpath, dirnames, filenames in os.walk(top):
+            dirnames[:] = sorted(x for x in dirnames if x != "__pycache__")
+            for f in sorted(filenames):
+                if f.endswith((".pyc", ".pyo")):
+                    continue
+                files.append(os.path.relpath(os.path.join(dirpath, f), checkout))
+    return sorted(files)
+
+
+def build_checkout_cpio(checkout, path):
+    buf = io.BytesIO()
+    w = CpioWriter(buf)
+    for rel in checkout_files(checkout):
+        with open(os.path.join(checkout, rel), "rb") as fh:
+            data = fh.read()
+        mode = os.stat(os.path.join(checkout, rel)).st_mode & 0o777
+        w.ensure_parents("/opt/block-rbd/" + rel)
+        w.file("/opt/block-rbd/" + rel, data, mode)
+        if rel.startswith("block_rbd/"):
+            dest = "/usr/lib/python3/dist-packages/" + rel
+            w.ensure_parents(dest)
+            w.file(dest, data, 0o644)
+        if rel == "scripts/block-rbd":
+            w.ensure_parents("/etc/xen/scripts/block-rbd")
+            w.file("/etc/xen/scripts/block-rbd", data, 0o755)
+    w.close()
+    with open(path + ".tmp", "wb") as fh:
+        fh.write(gzip.compress(buf.getvalue(), compresslevel=1, mtime=0))
+    os.replace(path + ".tmp", path)
+
+
+def build_dom0_files_cpio(path):
+    buf = io.BytesIO()
+    w = CpioWriter(buf)
+    w.directory("usr/lib/brbd")
+    for f in sorted(glob.glob(os.path.join(HERE, "dom0", "*"))):
+        with open(f, "rb") as fh:
+            data = fh.read()
+        name = os.path.basename(f)
+        if name == "init":
+            w.file("/init", data, 0o755)
+        else:
+            w.file("/usr/lib/brbd/" + name, data, 0o755)
+    w.close()
+    with open(path + ".tmp", "wb") as fh:
+        fh.write(gzip.compress(buf.getvalue(), compresslevel=1, mtime=0))
+    os.replace(path + ".tmp", path)
+
+
+def build(checkout=None, force=False):
+    """Build (or reuse) the boot set; return a dict of paths and timings."""
+    t0 = time.time()
+    cache = cache_dir()
+    os.makedirs(os.path.join(cache, "out"), exist_ok=True)
+    kernel, versions = resolve_packages()
+    hostvers = host_versions()
+    bkey = base_inputs(versions, hostvers)
+    outdir = os.path.join(cache, "out", f"base-{bkey}")
+    base_cached = os.path.isdir(outdir) and not force
+    if not base_cached:
+        roots = fetch_and_extract(cache, versions)
+        shutil.rmtree(outdir + ".tmp", ignore_errors=True)
+        os.makedirs(outdir + ".tmp")
+        build_base(cache, kernel, versions, roots, outdir)
+        shutil.rmtree(outdir, ignore_errors=True)
+        os.replace(outdir + ".tmp", outdir)
+    # checkout overlay
+    checkout = os.path.abspath(checkout or os.path.dirname(os.path.dirname(HERE)))
+    parts = []
+    for rel in checkout_files(checkout):
+        with open(os.path.join(checkout, rel), "rb") as fh:
+            parts += [rel, oct(os.stat(os.path.join(checkout, rel)).st_mode & 0o777), fh.read()]
+    ckey = sha(parts)
+    cpath = os.path.join(cache, "out", f"checkout-{ckey}.cpio.gz")
+    if force or not os.path.exists(cpath):
+        build_checkout_cpio(checkout, cpath)
+    # /init and helpers from tests/xen/dom0 (a layer of its own: editing them is cheap)
+    hparts = []
+    for f in sorted(glob.glob(os.path.join(HERE, "dom0", "*"))):
+        with open(f, "rb") as fh:
+            hparts += [os.path.basename(f), fh.read()]
+    hkey = sha(hparts)
+    hpath = os.path.join(cache, "out", f"dom0files-{hkey}.cpio.gz")
+    if force or not os.path.exists(hpath):
+        build_dom0_files_cpio(hpath)
+    dpath = os.path.join(cache, "out", f"dom0-{bkey}-{hkey}-{ckey}.cpio.gz")
+    if force or not os.path.exists(dpath):
+        with open(dpath + ".tmp", "wb") as out:
+            for p in (os.path.join(outdir, "base.cpio.gz"), hpath, cpath):
+                with open(p, "rb") as fh:
+                    shutil.copyfileobj(fh, out)
+        os.replace(dpath + ".tmp", dpath)
+    res = {
+        "xen": os.path.join(outdir, "xen.elf"),
+        "kernel": os.path.join(outdir, "vmlinuz"),
+        "initrd": dpath,
+        "base_key": bkey,
+        "checkout_key": ckey,
+        "checkout": checkout,
+        "has_block_rbd_script": os.path.exists(os.path.join(checkout, "scripts/block-rbd")),
+        "base_cached": base_cached,
+        "packages": versions,
+        "seconds": round(time.time() - t0, 2),
+    }
+    log(f"done in {res['seconds']}s (base {'cached' if base_cached else 'built'})")
+    return res
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--checkout", help="checkout whose block_rbd + scripts/block-rbd go in")
+    ap.add_argument("--force", action="store_true", help="rebuild even if cached")
+    ap.add_argument("--json", action="store_true", help="print the result as JSON")
+    a = ap.parse_args(argv)
+    res = build(a.checkout, a.force)
+    if a.json:
+        print(json.dumps(res, indent=1))
+    else:
+        for k in ("xen", "kernel", "initrd"):
+            print(f"{k}: {res[k]}")
+
+
+if __name__ == "__main__":
+    main()

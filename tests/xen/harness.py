@@ -1,0 +1,495 @@
+#!/usr/bin/python3
+"""Xen-in-QEMU harness: boot Xen + a busybox dom0 under TCG in a network namespace of
+our own, next to the project's throwaway Ceph cluster, run a test program in dom0 and
+collect its results.
+
+Traffic stays inside the namespace (bridge 10.250.250.1/24, dom0 10.250.250.2) and on
+127.0.0.0/8.  Everything started here is torn down on every exit path.
+
+CLI:
+  python3 tests/xen/harness.py run [--program DIR] [--no-cluster] [--timeout S] [--keep DIR]
+  python3 tests/xen/harness.py cleanup      # remove brbd-* namespaces of dead harnesses
+
+A test program is a directory: its files land in dom0 under /brbd/run/ and `main` is run
+there (busybox sh available, /usr/lib/brbd/brbd-lib.sh has helpers); a `rootfs/` subdir is
+overlaid onto dom0's / (e.g. rootfs/etc/xen/scripts/dummy).  The program prints
+`BRBD-RESULT <name> PASS|FAIL|SKIP <seconds> <detail>` lines and leaves files in
+/brbd/out/, which come back in <rundir>/out/.
+"""
+
+import argparse
+import atexit
+import base64
+import gzip
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+import build_dom0  # noqa: E402
+from cpio import CpioWriter, write_tree  # noqa: E402
+
+NS_PREFIX = "brbd-"
+BRIDGE = "brbd0"
+TAP = "brbdtap0"
+HOST_ADDR = "10.250.250.1"
+DOM0_ADDR = "10.250.250.2"
+PREFIX = 24
+DOM0_MAC = "52:54:00:fa:fa:02"
+
+XEN_ARGS = ("console=com1 com1=115200,8n1 dom0_mem=1024M,max:1024M dom0_max_vcpus=1 "
+            "serial_tx_buffer=4M loglvl=all guest_loglvl=all")
+DOM0_ARGS = "console=hvc0 earlyprintk=xen loglevel=4"
+
+RESULT_RE = re.compile(r"BRBD-RESULT (\S+) (PASS|FAIL|SKIP) (\S+) ?(.*)$")
+STAGE_RE = re.compile(r"BRBD-STAGE (\S+) (\S+)")
+
+
+def log(msg):
+    print(f"[harness {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def run(argv, timeout=60, check=True, **kw):
+    return subprocess.run(argv, check=check, timeout=timeout, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, **kw)
+
+
+# ---------------------------------------------------------------- network namespace
+class Namespace:
+    def __init__(self):
+        self.name = f"{NS_PREFIX}{os.getpid()}"
+        self.up = False
+
+    def create(self):
+        cleanup_stale()
+        run(["ip", "netns", "add", self.name])
+        self.up = True
+        n = ["ip", "-n", self.name]
+        run(n + ["link", "set", "lo", "up"])
+        run(n + ["link", "add", BRIDGE, "type", "bridge"])
+        run(n + ["addr", "add", f"{HOST_ADDR}/{PREFIX}", "dev", BRIDGE])
+        run(n + ["link", "set", BRIDGE, "up"])
+        run(n + ["tuntap", "add", "dev", TAP, "mode", "tap"])
+        run(n + ["link", "set", TAP, "master", BRIDGE])
+        run(n + ["link", "set", TAP, "up"])
+        log(f"namespace {self.name}: {BRIDGE} {HOST_ADDR}/{PREFIX}, tap {TAP}")
+
+    def exec_argv(self, argv):
+        return ["ip", "netns", "exec", self.name] + list(argv)
+
+    def destroy(self):
+        if not self.up:
+            return
+        kill_ns_pids(self.name)
+        run(["ip", "netns", "del", self.name], check=False)
+        self.up = False
+        log(f"namespace {self.name} removed")
+
+
+def kill_ns_pids(name):
+    """Kill what still runs in our namespace: only processes this harness started."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        p = run(["ip", "netns", "pids", name], check=False)
+        pids = [int(x) for x in p.stdout.split() if x.isdigit()]
+        if not pids:
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        time.sleep(1.0)
+
+
+def cleanup_stale():
+    """Remove brbd-<pid> namespaces whose harness process is gone."""
+    p = run(["ip", "netns", "list"], check=False)
+    for line in p.stdout.splitlines():
+        name = line.split()[0] if line.split() else ""
+        m = re.fullmatch(re.escape(NS_PREFIX) + r"(\d+)", name)
+        if not m:
+            continue
+        pid = int(m.group(1))
+        if pid != os.getpid() and not os.path.exists(f"/proc/{pid}"):
+            log(f"removing stale namespace {name}")
+            kill_ns_pids(name)
+            run(["ip", "netns", "del", name], check=False)
+
+
+# ---------------------------------------------------------------- test cluster
+class Cluster:
+    """tools/testcluster.py, run inside the namespace bound to the bridge address."""
+
+    def __init__(self, ns, workdir):
+        self.ns = ns
+        self.dir = os.path.join(workdir, "cluster")
+        self.script = os.path.join(REPO, "tools", "testcluster.py")
+        self.info = None
+
+    def available(self):
+        return os.path.exists(self.script)
+
+    def start(self, timeout=300):
+        os.makedirs(self.dir, exist_ok=True)
+        t0 = time.time()
+        p = subprocess.run(self.ns.exec_argv(["/usr/bin/python3", self.script, "start", self.dir,
+                                              "--addr", HOST_ADDR]),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           timeout=timeout, cwd=REPO)
+        with open(os.path.join(self.dir, "start.log"), "w") as fh:
+            fh.write(p.stdout + "\n--- stderr ---\n" + p.stderr)
+        if p.returncode != 0:
+            raise RuntimeError(f"testcluster start failed rc={p.returncode}: {p.stderr[-2000:]}")
+        self.info = json.loads(p.stdout[p.stdout.index("{"):])
+        log(f"cluster up in {time.time() - t0:.1f}s: {sorted(self.info)}")
+        return self.info
+
+    def stop(self):
+        if self.info is None and not os.path.isdir(self.dir):
+            return
+        try:
+            subprocess.run(self.ns.exec_argv(["/usr/bin/python3", self.script, "stop",
+                                              "--keep", self.dir]),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=120, cwd=REPO)
+        except subprocess.TimeoutExpired:
+            log("testcluster stop timed out (namespace teardown kills the rest)")
+        self.info = None
+
+    def admin(self, argv, timeout=120):
+        """Run a ceph/rbd admin command against the cluster, inside the namespace."""
+        i = self.info
+        return run(self.ns.exec_argv(list(argv) + ["-c", i["conf"], "--id", "admin",
+                                                   "--keyring", i["admin_keyring"]]),
+                   timeout=timeout, check=False)
+
+
+# ---------------------------------------------------------------- per-run initrd layer
+def build_run_cpio(path, program_dir, config, files):
+    """config: dict -> /brbd/config (sh); files: {dom0 path: bytes or (bytes, mode)}."""
+    buf = io.BytesIO()
+    w = CpioWriter(buf)
+    w.directory("brbd")
+    lines = "".join(f"{k}={shell_quote(str(v))}\n" for k, v in sorted(config.items()))
+    w.file("/brbd/config", lines.encode())
+    if program_dir:
+        rootfs = os.path.join(program_dir, "rootfs")
+        w.directory("brbd/run")
+        for name in sorted(os.listdir(program_dir)):
+            full = os.path.join(program_dir, name)
+            if name == "rootfs" or name == "__pycache__":
+                continue
+            if os.path.isdir(full):
+                write_tree(w, full, f"brbd/run/{name}")
+            else:
+                with open(full, "rb") as fh:
+                    w.file(f"/brbd/run/{name}", fh.read(), os.stat(full).st_mode & 0o777)
+        if os.path.isdir(rootfs):
+            write_tree(w, rootfs, "")
+    for dest, data in sorted(files.items()):
+        mode = 0o644
+        if isinstance(data, tuple):
+            data, mode = data
+        w.ensure_parents(dest)
+        w.file(dest, data, mode)
+    w.close()
+    with open(path, "wb") as fh:
+        fh.write(gzip.compress(buf.getvalue(), compresslevel=1, mtime=0))
+
+
+def shell_quote(s):
+    return "'" + s.replace("'", "'\\''") + "'"
+
+
+# ---------------------------------------------------------------- serial output
+def parse_serial(text, outdir):
+    lines = [ln.rstrip("\r") for ln in text.replace("\r\n", "\n").split("\n")]
+    results, stages, archive = [], {}, None
+    in_arch, arch_lines, arch_hdr = False, [], None
+    for ln in lines:
+        if in_arch:
+            if "BRBD-ARCHIVE-END" in ln:
+                in_arch = False
+                archive = (arch_hdr, arch_lines)
+            elif re.fullmatch(r"[A-Za-z0-9+/=]+", ln):
+                arch_lines.append(ln)
+            continue
+        m = re.search(r"BRBD-ARCHIVE-BEGIN (\d+) ([0-9a-f]{32})", ln)
+        if m:
+            in_arch, arch_lines, arch_hdr = True, [], (int(m.group(1)), m.group(2))
+            continue
+        m = RESULT_RE.search(ln)
+        if m:
+            results.append({"name": m.group(1), "status": m.group(2),
+                            "seconds": _float(m.group(3)), "detail": m.group(4)})
+            continue
+        m = STAGE_RE.search(ln)
+        if m:
+            stages[m.group(1)] = _float(m.group(2))
+    archive_ok = None
+    if archive:
+        (size, md5), body = archive
+        data = base64.b64decode("".join(body))
+        archive_ok = len(data) == size and hashlib.md5(data).hexdigest() == md5
+        if archive_ok:
+            with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tf:
+                if hasattr(tarfile, "data_filter"):
+                    tf.extractall(outdir, filter="data")
+                else:  # Debian 12's python3.11.2 predates extraction filters
+                    for m in tf.getmembers():
+                        if m.name.startswith("/") or ".." in m.name.split("/") or not (
+                                m.isfile() or m.isdir()):
+                            raise RuntimeError(f"refusing archive member {m.name!r}")
+                    tf.extractall(outdir)
+        else:
+            log(f"archive corrupt: {len(data)} bytes (want {size}), md5 mismatch")
+    return {"results": results, "stages": stages, "archive_ok": archive_ok,
+            "done": any("BRBD-DONE" in ln for ln in lines),
+            "boot_fail": [ln for ln in lines if "BRBD-BOOT-FAIL" in ln]}
+
+
+def _float(s):
+    try:
+        return float(s)
+    except ValueError:
+        return None
+
+
+# ---------------------------------------------------------------- the run
+class Harness:
+    def __init__(self, program=None, use_cluster=True, timeout=900, keep=None,
+                 checkout=None, nic="e1000", images=None):
+        self.program = os.path.abspath(program) if program else None
+        self.use_cluster = use_cluster
+        self.timeout = timeout
+        self.keep = keep
+        self.checkout = checkout
+        self.nic = nic
+        self.images = list(images or [])  # [(pool/image, size_mb)] created before boot
+        spec = os.path.join(self.program or "", "images")
+        if self.program and os.path.exists(spec):
+            with open(spec) as fh:
+                for line in fh:
+                    if line.split() and not line.startswith("#"):
+                        name, size = line.split()[:2]
+                        self.images.append((name, int(size)))
+        self.ns = None
+        self.cluster = None
+        self.qemu = None
+        self.workdir = None
+        self._torn = False
+        self.host_stages = {}
+
+    def teardown(self):
+        if self._torn:
+            return
+        self._torn = True
+        if self.qemu and self.qemu.poll() is None:
+            log("killing QEMU")
+            try:
+                os.killpg(self.qemu.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            try:
+                self.qemu.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+        if self.cluster:
+            self.cluster.stop()
+        if self.ns:
+            self.ns.destroy()
+
+    def run(self):
+        t_start = time.time()
+        atexit.register(self.teardown)
+        old_term = signal.signal(signal.SIGTERM, _raise_exit)
+        timings = {}
+        try:
+            t0 = time.time()
+            boot = build_dom0.build(self.checkout)
+            timings["build"] = round(time.time() - t0, 2)
+            if self.keep:
+                self.workdir = os.path.abspath(self.keep)
+                os.makedirs(self.workdir, exist_ok=True)
+            else:
+                self.workdir = tempfile.mkdtemp(prefix="brbd-xen-")
+            outdir = os.path.join(self.workdir, "out")
+            shutil.rmtree(outdir, ignore_errors=True)
+            os.makedirs(outdir)
+
+            self.ns = Namespace()
+            self.ns.create()
+            config = {"BRBD_IP": DOM0_ADDR, "BRBD_PREFIX": PREFIX, "BRBD_HOST": HOST_ADDR,
+                      "BRBD_TIMEOUT": max(60, self.timeout - 120), "BRBD_NIC": self.nic,
+                      "BRBD_HAVE_CLUSTER": 0}
+            files = {}
+            if self.use_cluster:
+                self.cluster = Cluster(self.ns, self.workdir)
+                if self.cluster.available():
+                    t0 = time.time()
+                    info = self.cluster.start()
+                    config.update(self._cluster_files(info, files))
+                    timings["cluster"] = round(time.time() - t0, 2)
+                else:
+                    log("tools/testcluster.py not present: running without a cluster")
+                    self.cluster = None
+
+            run_initrd = os.path.join(self.workdir, "run.cpio.gz")
+            build_run_cpio(run_initrd, self.program, config, files)
+            initrd = os.path.join(self.workdir, "initrd.cpio.gz")
+            with open(initrd, "wb") as out:
+                for p in (boot["initrd"], run_initrd):
+                    with open(p, "rb") as fh:
+                        shutil.copyfileobj(fh, out)
+
+            serial = os.path.join(self.workdir, "serial.log")
+            t0 = time.time()
+            rc = self._boot(boot, initrd, serial)
+            timings["qemu"] = round(time.time() - t0, 2)
+            timings["qemu_start_to_stage"] = self.host_stages
+            with open(serial, "rb") as fh:
+                text = fh.read().decode("utf-8", "replace")
+            parsed = parse_serial(text, outdir)
+            timings["total"] = round(time.time() - t_start, 2)
+            summary = {"qemu_rc": rc, "timings": timings, "workdir": self.workdir,
+                       "serial": serial, "build": boot, **parsed}
+            with open(os.path.join(self.workdir, "summary.json"), "w") as fh:
+                json.dump(summary, fh, indent=1)
+            return summary
+        finally:
+            self.teardown()
+            signal.signal(signal.SIGTERM, old_term)
+
+    def _cluster_files(self, info, files):
+        """Give dom0 a minimal ceph.conf and the non-admin keyring; create wanted images.
+
+        The cluster's own ceph.conf names host paths (run_dir, keyring dirs) that do not
+        exist in dom0, so dom0 gets fsid + mon_host + auth settings only.
+        """
+        user = info.get("user", "blockrbd")
+        cfg = {"BRBD_HAVE_CLUSTER": 1, "BRBD_ID": user, "BRBD_POOL": info.get("pool", "rbd"),
+               "BRBD_KEYRING": f"/etc/ceph/ceph.client.{user}.keyring"}
+        files["/etc/ceph/ceph.conf"] = (
+            "[global]\n"
+            f"fsid = {info['fsid']}\n"
+            f"mon_host = {info['mon_host']}\n"
+            "auth_cluster_required = cephx\nauth_service_required = cephx\n"
+            "auth_client_required = cephx\n").encode()
+        with open(info["keyring"], "rb") as fh:
+            files[cfg["BRBD_KEYRING"]] = (fh.read(), 0o600)
+        for proto, ip, port in info.get("mon_addrs", []):
+            cfg[f"BRBD_MON_{proto.upper()}"] = f"{ip}:{port}"
+        files["/brbd/cluster.json"] = json.dumps(
+            {k: v for k, v in info.items() if "keyring" not in k}, indent=1).encode()
+        for spec, size_mb in self.images:
+            p = self.cluster.admin(["rbd", "create", "--size", f"{size_mb}M", spec])
+            if p.returncode != 0:
+                raise RuntimeError(f"rbd create {spec}: {p.stderr}")
+        return cfg
+
+    def _boot(self, boot, initrd, serial):
+        for p in (boot["kernel"], initrd):
+            if "," in p:
+                raise RuntimeError(f"path with a comma cannot go to -initrd: {p}")
+        argv = self.ns.exec_argv([
+            "qemu-system-x86_64", "-machine", "pc,accel=tcg", "-cpu", "qemu64", "-m", "2048",
+            "-smp", "1", "-nographic", "-no-reboot", "-monitor", "none",
+            "-serial", f"file:{serial}",
+            "-kernel", boot["xen"], "-append", XEN_ARGS,
+            "-initrd", f"{boot['kernel']} {DOM0_ARGS},{initrd}",
+            "-netdev", f"tap,id=n0,ifname={TAP},script=no,downscript=no",
+            "-device", f"e1000,netdev=n0,mac={DOM0_MAC}" if self.nic == "e1000"
+            else f"virtio-net-pci,netdev=n0,mac={DOM0_MAC}",
+        ])
+        with open(os.path.join(self.workdir, "qemu.cmd"), "w") as fh:
+            fh.write(json.dumps(argv) + "\n")
+        qlog = open(os.path.join(self.workdir, "qemu.log"), "wb")
+        log(f"booting Xen in QEMU (timeout {self.timeout}s), serial -> {serial}")
+        self.qemu = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=qlog,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        t0 = time.time()
+        self.host_stages = {}
+        seen = b""
+        try:
+            # poll: note the host time each BRBD-STAGE line first shows up on the serial
+            while True:
+                try:
+                    return self.qemu.wait(timeout=0.2)
+                except subprocess.TimeoutExpired:
+                    pass
+                if time.time() - t0 > self.timeout:
+                    raise subprocess.TimeoutExpired(argv, self.timeout)
+                try:
+                    with open(serial, "rb") as fh:
+                        fh.seek(len(seen))
+                        seen += fh.read()
+                except FileNotFoundError:
+                    continue
+                for m in re.finditer(rb"BRBD-STAGE (\S+) ", seen):
+                    name = m.group(1).decode()
+                    if name not in self.host_stages:
+                        self.host_stages[name] = round(time.time() - t0, 2)
+        except subprocess.TimeoutExpired:
+            log("QEMU hard timeout: killing it")
+            os.killpg(self.qemu.pid, signal.SIGKILL)
+            self.qemu.wait(timeout=30)
+            return "timeout"
+        finally:
+            qlog.close()
+
+
+def _raise_exit(signum, frame):
+    raise SystemExit(128 + signum)
+
+
+def run_program(program=None, **kw):
+    """Importable entry point: returns the summary dict (results, stages, timings...)."""
+    return Harness(program, **kw).run()
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Xen-in-QEMU harness for block-rbd")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("--program", default=os.path.join(HERE, "guest", "phase1"))
+    r.add_argument("--no-cluster", action="store_true")
+    r.add_argument("--timeout", type=int, default=900)
+    r.add_argument("--keep", help="run directory to keep (default: a temp dir, kept)")
+    r.add_argument("--checkout")
+    r.add_argument("--nic", choices=["e1000", "virtio"], default="e1000")
+    r.add_argument("--image", action="append", default=[],
+                   help="pool/image:SIZE_MB to create before boot (repeatable)")
+    sub.add_parser("cleanup")
+    a = ap.parse_args(argv)
+    if a.cmd == "cleanup":
+        cleanup_stale()
+        return 0
+    images = []
+    for spec in a.image:
+        name, _, size = spec.partition(":")
+        images.append((name, int(size or 64)))
+    s = run_program(a.program, use_cluster=not a.no_cluster, timeout=a.timeout, keep=a.keep,
+                    checkout=a.checkout, nic=a.nic, images=images)
+    for res in s["results"]:
+        print(f"{res['status']:4} {res['name']:40} {res['seconds']}s {res['detail']}")
+    print(json.dumps({k: s[k] for k in ("qemu_rc", "timings", "stages", "archive_ok", "done",
+                                          "boot_fail", "workdir")}, indent=1))
+    npass = sum(r["status"] == "PASS" for r in s["results"])
+    nfail = sum(r["status"] == "FAIL" for r in s["results"])
+    print(f"{npass} passed, {nfail} failed")
+    ok = s["done"] and s["archive_ok"] and nfail == 0 and npass > 0
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

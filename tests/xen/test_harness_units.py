@@ -1,0 +1,100 @@
+"""Fast checks of the harness's own pure parts (no QEMU, no root, no network).
+
+The Xen-in-QEMU run itself is `python3 tests/xen/harness.py run` (see README.md)."""
+
+import base64
+import gzip
+import hashlib
+import io
+import os
+import sys
+import tarfile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import build_dom0  # noqa: E402
+import harness  # noqa: E402
+from cpio import CpioWriter, write_tree  # noqa: E402
+
+
+def read_newc(data):
+    """Parse a newc archive back: {name: (mode, bytes)}."""
+    out, off = {}, 0
+    while True:
+        assert data[off:off + 6] == b"070701", off
+        f = [int(data[off + 6 + 8 * i: off + 14 + 8 * i], 16) for i in range(13)]
+        mode, size, namesize = f[1], f[6], f[11]
+        name = data[off + 110: off + 110 + namesize - 1].decode()
+        off += 110 + namesize
+        off += (-off) % 4
+        body = data[off: off + size]
+        off += size
+        off += (-off) % 4
+        if name == "TRAILER!!!":
+            return out
+        out[name] = (mode, body)
+
+
+def test_cpio_roundtrip(tmp_path):
+    root = tmp_path / "root"
+    (root / "a" / "b").mkdir(parents=True)
+    (root / "a" / "b" / "f").write_bytes(b"hello\n")
+    os.chmod(root / "a" / "b" / "f", 0o755)
+    os.symlink("b/f", root / "a" / "link")
+    buf = io.BytesIO()
+    w = CpioWriter(buf)
+    write_tree(w, str(root), "pre")
+    w.file("/x/y", b"odd", 0o600)  # parent not declared: the kernel tolerates it
+    w.close()
+    got = read_newc(buf.getvalue())
+    assert got["pre/a/b/f"] == (0o100755, b"hello\n")
+    assert got["pre/a/link"] == (0o120777, b"b/f")
+    assert got["pre/a"][0] == 0o040755
+    assert got["x/y"] == (0o100600, b"odd")
+
+
+def _archive_lines(files):
+    tbuf = io.BytesIO()
+    with tarfile.open(fileobj=tbuf, mode="w") as tf:
+        for name, data in files.items():
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            tf.addfile(ti, io.BytesIO(data))
+    gz = gzip.compress(tbuf.getvalue())
+    b64 = base64.encodebytes(gz).decode().splitlines()
+    return [f"BRBD-ARCHIVE-BEGIN {len(gz)} {hashlib.md5(gz).hexdigest()}"] + b64 + [
+        "BRBD-ARCHIVE-END"]
+
+
+def test_parse_serial(tmp_path):
+    lines = ["(XEN) boot", "BRBD-STAGE tools-ready 6.02", "noise",
+             "BRBD-RESULT dummy-hotplug PASS 2.80 dummy hotplug add/remove ok",
+             "BRBD-RESULT krbd FAIL 0.13 rc=1 boom", "BRBD-RESULT x SKIP 0.0"]
+    lines += _archive_lines({"./recorded/a.txt": b"a\\b\n\x00"})
+    lines += ["BRBD-DONE"]
+    text = "\r\n".join(lines) + "\r\n"
+    r = harness.parse_serial(text, str(tmp_path))
+    assert r["stages"] == {"tools-ready": 6.02}
+    assert [(x["name"], x["status"], x["seconds"]) for x in r["results"]] == [
+        ("dummy-hotplug", "PASS", 2.8), ("krbd", "FAIL", 0.13), ("x", "SKIP", 0.0)]
+    assert r["results"][1]["detail"] == "rc=1 boom"
+    assert r["archive_ok"] is True and r["done"] is True
+    assert (tmp_path / "recorded" / "a.txt").read_bytes() == b"a\\b\n\x00"
+
+
+def test_parse_serial_corrupt_archive(tmp_path):
+    lines = _archive_lines({"f": b"x" * 1000})
+    lines[2] = lines[2][:-4] + "AAAA"
+    r = harness.parse_serial("\n".join(lines), str(tmp_path))
+    assert r["archive_ok"] is False and r["done"] is False
+
+
+def test_modinfo_depends_and_usr_path():
+    assert build_dom0.usr_path("/lib/x86_64-linux-gnu/libc.so.6") == \
+        "/usr/lib/x86_64-linux-gnu/libc.so.6"
+    assert build_dom0.usr_path("/lib64/ld-linux-x86-64.so.2") == "/usr/lib64/ld-linux-x86-64.so.2"
+    assert build_dom0.usr_path("/usr/bin/rbd") == "/usr/bin/rbd"
+
+
+def test_shell_quote():
+    assert harness.shell_quote("a'b c") == "'a'\\''b c'"
