@@ -1,0 +1,202 @@
+"""The libxl contract in block_rbd/hotplug.py, in-process against the xenstored
+double with the real xenstore tools; Ceph is kept out (mocked) so every branch
+that must not reach the cluster is shown not to."""
+
+import os
+import stat
+import time
+
+import pytest
+
+from block_rbd import attachments, hotplug
+from block_rbd.mappers.base import Mapping
+from block_rbd.target import ImageSpec
+from block_rbd.errors import XenstoreError
+from block_rbd.xenstore import Xenstore
+
+PATH = "backend/vbd/5/51712"
+FULL = "/local/domain/0/" + PATH
+
+
+@pytest.fixture
+def setup(tmp_path, monkeypatch, xenstored):
+    """A config with a private log file, and a backend directory as libxl writes it."""
+    log = tmp_path / "xen-hotplug.log"
+    cfg = tmp_path / "block-rbd.yaml"
+    cfg.write_text("pool: rbd\nmapper: fuse\nhost: testhost\nstate_dir: %s\nlog: {file: %s, syslog: false}\n"
+                   "timeouts: {hotplug: 2}\n" % (tmp_path / "state", log))
+    monkeypatch.setenv("BLOCK_RBD_CONFIG", str(cfg))
+    for key, value in (("params", "rbd:vm1"), ("mode", "w"), ("frontend-id", "5")):
+        xenstored.write("%s/%s" % (FULL, key), value)
+    xenstored.write("/local/domain/5/vm", "/vm/0b7b4ea0-1f53-4d1e-9a8e-4c5d6e7f8091")
+
+    class Setup:
+        pass
+    s = Setup()
+    s.log, s.cfg, s.xs = log, cfg, xenstored
+    return s
+
+
+@pytest.fixture
+def no_ceph(mocker):
+    """Fail the test if anything reaches for the cluster."""
+    return mocker.patch.object(hotplug, "Cluster", side_effect=AssertionError("the cluster was contacted"))
+
+
+def run(command, path=PATH):
+    return hotplug.main(command, {"XENBUS_PATH": path, "PATH": os.environ["PATH"]} if path else {"PATH": "/bin"})
+
+
+def keys(xenstored):
+    return {k[len(FULL) + 1:]: v for k, v in xenstored.tree(FULL).items() if k != FULL}
+
+
+def test_usage(capsys):
+    assert hotplug.main("attach", {"XENBUS_PATH": PATH}) == 1
+    assert hotplug.main("add", {}) == 1
+    assert "usage: XENBUS_PATH=backend/vbd/DOMID/DEVID block-rbd add|remove" in capsys.readouterr().err
+
+
+def test_add_when_physical_device_is_written_is_a_no_op(setup, no_ceph):
+    setup.xs.write(FULL + "/physical-device", "7:0")
+    setup.xs.write(FULL + "/physical-device-path", "/dev/loop0")
+    before = keys(setup.xs)
+    assert run("add") == 0
+    assert keys(setup.xs) == before
+    assert "already connected to /dev/loop0; nothing to do" in setup.log.read_text()
+
+
+@pytest.mark.parametrize("params, fault", [
+    (None, "add failed: no params in backend/vbd/5/51712: is this a block-rbd disk?"),
+    ("rbd:vm 1", "add failed: image name 'vm 1' contains ' ', which is not allowed"),
+    ("rbd:vm1,mapper=floppy", "add failed: mapper=floppy: expected one of krbd, nbd, fuse"),
+])
+def test_add_with_a_bad_target_never_reaches_ceph(setup, no_ceph, capsys, params, fault):
+    if params is None:
+        setup.xs.rm(FULL + "/params")
+    else:
+        setup.xs.write(FULL + "/params", params)
+    assert run("add") == 1
+    got = keys(setup.xs)
+    assert got["hotplug-error"] == fault
+    assert got["hotplug-status"] == "error"
+    assert "physical-device" not in got
+    assert fault in setup.log.read_text()
+    assert fault in capsys.readouterr().err
+
+
+def test_add_with_a_bad_libxl_mode(setup, no_ceph):
+    setup.xs.write(FULL + "/mode", "x")
+    assert run("add") == 1
+    assert keys(setup.xs)["hotplug-error"] == "add failed: libxl mode 'x': expected r or w"
+
+
+def test_bad_config_is_reported_in_xenstore(setup, no_ceph, capsys):
+    setup.cfg.write_text("mapper: floppy\n")
+    assert run("add") == 1
+    error = keys(setup.xs)["hotplug-error"]
+    assert error == "add failed: %s: mapper = 'floppy': expected auto, krbd, nbd or fuse" % setup.cfg
+    assert error in capsys.readouterr().err
+
+
+def test_internal_error_is_still_one_line(setup, mocker, capsys):
+    mocker.patch.object(hotplug, "Cluster")
+    mocker.patch.object(hotplug, "Registry")
+    mocker.patch.object(attachments, "attach", side_effect=RuntimeError("boom\nsecond line"))
+    assert run("add") == 1
+    assert keys(setup.xs)["hotplug-error"] == "add failed: internal error: RuntimeError: boom second line"
+    assert keys(setup.xs)["hotplug-status"] == "error"
+
+
+def test_add_gives_up_within_the_hotplug_budget(setup, mocker):
+    mocker.patch.object(hotplug, "Cluster")
+    mocker.patch.object(hotplug, "Registry")
+    mocker.patch.object(attachments, "attach", side_effect=lambda *a, **k: time.sleep(30))
+    started = time.monotonic()
+    assert run("add") == 1
+    assert time.monotonic() - started < 4
+    assert keys(setup.xs)["hotplug-error"] == (
+        "add failed: gave up after the hotplug time budget; libxl would kill us at 40 s")
+
+
+def test_add_writes_the_contract_keys(setup, mocker, tmp_path):
+    node = str(tmp_path / "dev-xvdb")
+    os.mknod(node, stat.S_IFBLK | 0o600, os.makedev(259, 17))
+    mocker.patch.object(hotplug, "Cluster")
+    mocker.patch.object(hotplug, "Registry")
+    attach = mocker.patch.object(attachments, "attach",
+                                 return_value=Mapping("fuse", ImageSpec("rbd", "vm1"), False, node))
+    assert run("add") == 0
+    got = keys(setup.xs)
+    assert got["physical-device"] == "103:11"       # hex major:minor, as blkback parses it
+    assert got["physical-device-path"] == node
+    assert got["block-rbd-image"] == "rbd/vm1"
+    assert got["block-rbd-mode"] == "w"
+    assert got["block-rbd-mapper"] == "fuse"
+    assert got["hotplug-status"] == "connected"
+    assert "hotplug-error" not in got
+    _config, _cluster, target, mode, holder, info = attach.call_args.args[:6]
+    assert target.spec == ImageSpec("rbd", "vm1") and mode == "w" and holder == PATH
+    assert info == {"host": "testhost", "vm": "0b7b4ea0-1f53-4d1e-9a8e-4c5d6e7f8091", "domid": "5",
+                    "devid": "51712", "backend": PATH}
+
+
+def test_target_mode_overrides_libxl_mode(setup, mocker, tmp_path):
+    node = str(tmp_path / "dev")
+    os.mknod(node, stat.S_IFBLK | 0o600, os.makedev(7, 3))
+    setup.xs.write(FULL + "/params", "rbd/vm1,mode=r!")
+    mocker.patch.object(hotplug, "Cluster")
+    mocker.patch.object(hotplug, "Registry")
+    attach = mocker.patch.object(attachments, "attach",
+                                 return_value=Mapping("fuse", ImageSpec("rbd", "vm1"), True, node))
+    assert run("add") == 0
+    assert attach.call_args.args[3] == "r!"
+    assert keys(setup.xs)["block-rbd-mode"] == "r!"
+    assert keys(setup.xs)["physical-device"] == "7:3"
+
+
+def test_failed_connect_write_detaches(setup, mocker, tmp_path):
+    node = str(tmp_path / "dev")
+    os.mknod(node, stat.S_IFBLK | 0o600, os.makedev(7, 3))
+    mocker.patch.object(hotplug, "Cluster")
+    mocker.patch.object(hotplug, "Registry")
+    mocker.patch.object(attachments, "attach", return_value=Mapping("fuse", ImageSpec("rbd", "vm1"), False, node))
+    detach = mocker.patch.object(attachments, "detach")
+    mocker.patch.object(hotplug.Backend, "connected", side_effect=XenstoreError("xenstore-write failed"))
+    assert run("add") == 1
+    assert detach.call_args.args[2:5] == (ImageSpec("rbd", "vm1"), False, PATH)
+
+
+def test_remove_after_add_never_ran_with_a_bad_target_does_nothing(setup, no_ceph):
+    setup.xs.write(FULL + "/params", "rbd:vm 1")
+    assert run("remove") == 0
+    assert "hotplug-error" not in keys(setup.xs)
+    assert "nothing was mapped" in setup.log.read_text()
+
+
+def test_remove_uses_the_private_keys_before_params(setup, mocker):
+    setup.xs.write(FULL + "/block-rbd-image", "rbd/tenant/vm1")
+    setup.xs.write(FULL + "/block-rbd-mode", "r")
+    setup.xs.write(FULL + "/params", "something:else")
+    mocker.patch.object(hotplug, "Cluster")
+    mocker.patch.object(hotplug, "Registry")
+    detach = mocker.patch.object(attachments, "detach", return_value="unmapped /dev/loop0")
+    assert run("remove") == 0
+    assert detach.call_args.args[2:5] == (ImageSpec("rbd", "vm1", "tenant"), True, PATH)
+
+
+def test_remove_after_a_killed_add_uses_params(setup, mocker):
+    setup.xs.write(FULL + "/params", "rbd/vm1,mode=r")
+    mocker.patch.object(hotplug, "Cluster")
+    mocker.patch.object(hotplug, "Registry")
+    detach = mocker.patch.object(attachments, "detach", return_value="nothing to do")
+    assert run("remove") == 0
+    assert detach.call_args.args[2:5] == (ImageSpec("rbd", "vm1"), True, PATH)
+
+
+def test_backend_vm_uuid(xenstored):
+    backend = hotplug.Backend(Xenstore(), PATH + "/")
+    assert backend.path == PATH and backend.devid == "51712"
+    assert backend.vm_uuid("9") is None
+    xenstored.write("/local/domain/9/vm", "/vm/abc")
+    assert backend.vm_uuid("9") == "abc"
