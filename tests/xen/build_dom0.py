@@ -513,6 +513,22 @@ def build_dom0_files_cpio(path):
     os.replace(path + ".tmp", path)
 
 
+def prune(outroot, keep, per_kind=3):
+    """Keep the cache bounded: the current outputs plus the newest few of each kind."""
+    for kind in ("base-", "checkout-", "dom0files-", "dom0-"):
+        items = [os.path.join(outroot, n) for n in os.listdir(outroot)
+                 if n.startswith(kind) and not n.endswith((".tmp", ".stage"))]
+        items.sort(key=os.path.getmtime, reverse=True)
+        for old in [i for i in items if i not in keep][per_kind - 1:]:
+            if os.path.isdir(old):
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                try:
+                    os.unlink(old)
+                except FileNotFoundError:
+                    pass
+
+
 def build(checkout=None, force=False):
     """Build (or reuse) the boot set; return a dict of paths and timings."""
     t0 = time.time()
@@ -556,6 +572,7 @@ def build(checkout=None, force=False):
                 with open(p, "rb") as fh:
                     shutil.copyfileobj(fh, out)
         os.replace(dpath + ".tmp", dpath)
+    prune(os.path.join(cache, "out"), keep={outdir, cpath, hpath, dpath})
     res = {
         "xen": os.path.join(outdir, "xen.elf"),
         "kernel": os.path.join(outdir, "vmlinuz"),
