@@ -99,6 +99,8 @@ def _unmap_all(config, cluster, spec, read_only, mapper_name):
         mapping = mapper.find(spec, read_only)
         if mapping is not None:
             mapper.unmap(mapping)
+        else:
+            mapper.discard_partial(spec, read_only)
 
 
 def detach(config, cluster, spec, read_only, holder, registry=None):

@@ -78,6 +78,9 @@ class Mapper(abc.ABC):
     def unmap(self, mapping):
         """Remove the mapping, retrying a busy device for timeouts.unmap seconds."""
 
+    def discard_partial(self, spec, read_only):
+        """Undo what a map killed half-way left short of a mapping (nothing, for a one-step map)."""
+
     def find(self, spec, read_only):
         for mapping in self.mapped():
             if mapping.spec == spec and mapping.read_only == read_only:

@@ -127,6 +127,13 @@ class FuseMapper(Mapper):
         log.info("fuse mapped %s at %s (via %s)", spec, device, point)
         return Mapping(self.name, spec, read_only, device, {"mountpoint": point, "file": image_file})
 
+    def discard_partial(self, spec, read_only):
+        """A map killed between rbd-fuse and losetup leaves a mount and no loop: unmount it."""
+        point = self.mountpoint(spec)
+        if point in self._mounts() and not loop_devices(self.sys_root).get(os.path.join(point, spec.image)):
+            self._unmount(point)
+            log.info("fuse unmounted %s, left without a loop device by an earlier map", point)
+
     def unmap(self, mapping):
         timeout = self.config["timeouts.unmap"]
         point = mapping.details.get("mountpoint") or self.mountpoint(mapping.spec)
