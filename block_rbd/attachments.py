@@ -61,7 +61,7 @@ def _map(config, cluster, target, read_only, record):
     else:
         mapper = mappers.choose(config, target.mapper, cluster)
     try:
-        return mapper.map(target.spec, read_only, target.map_options)
+        return mapper.map(target.spec, read_only, _options(config, mapper.name, read_only, target))
     except FeaturesUnsupported as exc:
         if target.mapper or config["mapper"] != "auto" or record["mapper"]:
             raise
@@ -69,7 +69,16 @@ def _map(config, cluster, target, read_only, record):
         if fallback.unavailable():
             raise
         log.warning("%s; falling back to rbd-nbd", exc)
-        return fallback.map(target.spec, read_only, target.map_options)
+        return fallback.map(target.spec, read_only, _options(config, "nbd", read_only, target))
+
+
+def _options(config, mapper_name, read_only, target):
+    """Map options; access.exclusive_map (hard mode) adds the kernel's/rbd-nbd's `exclusive`."""
+    options = tuple(target.map_options)
+    if (config["access.exclusive_map"] and not read_only and mapper_name in ("krbd", "nbd")
+            and "exclusive" not in options):
+        options += ("exclusive",)  # the lock is never handed over: see docs/access-modes.rst
+    return options
 
 
 def _undo(config, cluster, state, spec, read_only, holder, registry):
