@@ -169,11 +169,13 @@ class Registry:
                     now = time.time()
                     others = [self._with_state(r, watchers, now) for k, r in records.items()
                               if k != PREFIX + reg.key]
+                    # Our own earlier registration's client (a repeated `map`) is no stranger.
+                    mine = [r for k, r in records.items() if k == PREFIX + reg.key]
                     own = self._own_addrs(cluster)
                     decision = policy.decide(
                         spec.head(), mode, ident, others,
-                        foreign_watchers=policy.foreign(watchers, others, own),
-                        foreign_lock_owners=policy.foreign(owners, others, own),
+                        foreign_watchers=policy.foreign(watchers, others + mine, own),
+                        foreign_lock_owners=policy.foreign(owners, others + mine, own),
                         stale=self.stale)
                     for dead in decision.fence:
                         if dead.client and dead.client not in fenced:
