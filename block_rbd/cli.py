@@ -48,8 +48,7 @@ class Group(click.Group):
         try:
             return super().invoke(ctx)
         except BlockRbdError as exc:
-            log.error("%s", exc)
-            click.echo("block-rbd: %s" % exc, err=True)
+            log.error("%s", exc)  # the log's stderr handler prints "block-rbd: <message>"
             sys.exit(1)
 
 
