@@ -1,0 +1,169 @@
+"""Manual use without Xen, for real through the fuse mapper:
+`block-rbd map TARGET [--mode r|w]`, `block-rbd unmap TARGET|DEVICE`,
+`block-rbd showmapped [--format json]`."""
+
+import errno
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import SCRIPT
+
+MiB = 1 << 20
+
+
+@pytest.fixture(autouse=True)
+def no_leftovers_after(tmp_path, make_image):
+    """Whatever a failing test left under its own directory goes (loops first, then mounts),
+    before make_image removes the images."""
+    yield
+    fuse_dir = os.path.join(str(tmp_path), "fuse")
+    for path in glob.glob("/sys/block/loop*/loop/backing_file"):
+        try:
+            with open(path) as handle:
+                if handle.read().startswith(fuse_dir):
+                    subprocess.run(["losetup", "--detach", "/dev/" + path.split("/")[3]], check=False)
+        except OSError:
+            pass
+    with open("/proc/self/mountinfo") as handle:
+        points = [line.split()[4] for line in handle if fuse_dir in line]
+    for point in points:
+        subprocess.run(["fusermount", "-u", "-z", point], check=False)
+
+
+def cli(*args, env=None):
+    return subprocess.run([sys.executable, SCRIPT] + list(args), capture_output=True, text=True, cwd="/",
+                          stdin=subprocess.DEVNULL, timeout=60, env=env)
+
+
+def loops_under(tmp):
+    fuse_dir = os.path.join(str(tmp), "fuse")
+    found = []
+    for path in glob.glob("/sys/block/loop*/loop/backing_file"):
+        try:
+            with open(path) as handle:
+                if handle.read().startswith(fuse_dir):
+                    found.append("/dev/" + path.split("/")[3])
+        except OSError:
+            pass
+    return sorted(found)
+
+
+def mounts_under(tmp):
+    with open("/proc/self/mountinfo") as handle:
+        return [line for line in handle if os.path.join(str(tmp), "fuse") in line]
+
+
+def showmapped(fmt="json"):
+    result = cli("showmapped", "--format", fmt)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout) if fmt == "json" else result.stdout
+
+
+def test_map_showmapped_unmap_by_target(config_path, make_image, rbd_admin, tmp_path):
+    image = make_image(size=8 * MiB)
+    result = cli("map", "rbd/%s" % image)
+    assert result.returncode == 0, result.stderr
+    device = result.stdout.strip()
+    assert device.startswith("/dev/loop") and loops_under(tmp_path) == [device]
+    with open("/sys/block/%s/ro" % os.path.basename(device)) as handle:
+        assert handle.read().strip() == "0"
+    with open(device, "r+b") as handle:  # a writable disk: the data reaches Ceph
+        handle.seek(MiB)
+        handle.write(b"manual map" * 10)
+        handle.flush()
+        os.fsync(handle.fileno())
+    import rbd
+    with rbd.Image(rbd_admin[1], image, read_only=True) as img:
+        assert img.read(MiB, 100) == b"manual map" * 10
+
+    assert showmapped() == [{"image": "rbd/%s" % image, "snap": None, "mode": "rw", "mapper": "fuse",
+                             "device": device, "backends": [], "manual": True, "managed": True}]
+    plain = showmapped("plain").splitlines()
+    assert plain[0].split() == ["IMAGE", "SNAP", "MODE", "MAPPER", "DEVICE", "USED", "BY"]
+    assert plain[1].split() == ["rbd/%s" % image, "-", "rw", "fuse", device, "manual"]
+
+    again = cli("map", "rbd:%s" % image)  # idempotent: the same device, still one mapping
+    assert again.returncode == 0 and again.stdout.strip() == device
+    assert loops_under(tmp_path) == [device]
+
+    result = cli("unmap", "rbd:%s" % image)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "rbd/%s (rw): unmapped %s" % (image, device)
+    assert loops_under(tmp_path) == [] and mounts_under(tmp_path) == []
+    assert showmapped() == []
+    assert "nothing" not in showmapped("plain") and len(showmapped("plain").splitlines()) == 1
+
+
+def test_map_read_only_and_unmap_by_device(config_path, make_image, tmp_path):
+    image = make_image(size=8 * MiB)
+    result = cli("map", image, "--mode", "r")  # bare image: the configured pool
+    assert result.returncode == 0, result.stderr
+    ro = result.stdout.strip()
+    assert loops_under(tmp_path) == [ro]
+    with open("/sys/block/%s/ro" % os.path.basename(ro)) as handle:
+        assert handle.read().strip() == "1"
+    with pytest.raises(OSError) as info:
+        fd = os.open(ro, os.O_WRONLY)
+        try:
+            os.pwrite(fd, b"x" * 512, 0)
+        finally:
+            os.close(fd)
+    assert info.value.errno in (errno.EROFS, errno.EPERM, errno.EACCES)
+    assert [(r["image"], r["mode"], r["device"], r["manual"]) for r in showmapped()] == [
+        ("rbd/%s" % image, "ro", ro, True)]
+    assert cli("map", "rbd/%s" % image, "--mode", "r").stdout.strip() == ro  # idempotent
+
+    result = cli("unmap", ro)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "rbd/%s (ro): unmapped %s" % (image, ro)
+    assert loops_under(tmp_path) == [] and mounts_under(tmp_path) == []
+    result = cli("unmap", ro)
+    assert result.returncode == 1
+
+
+def test_target_mode_option_wins(config_path, make_image, tmp_path):
+    image = make_image(size=8 * MiB)
+    device = cli("map", "rbd/%s,mode=r" % image, "--mode", "w").stdout.strip()
+    with open("/sys/block/%s/ro" % os.path.basename(device)) as handle:
+        assert handle.read().strip() == "1"
+    assert showmapped()[0]["mode"] == "ro"
+    assert cli("unmap", "rbd/%s" % image).returncode == 0
+    assert loops_under(tmp_path) == []
+
+
+def test_showmapped_names_the_xen_backend(libxl, config_path, make_image, tmp_path):
+    image = make_image(size=8 * MiB)
+    path = libxl.backend("rbd:%s" % image, mode="w")
+    assert libxl.run("add", path).returncode == 0
+    device = libxl.keys(path)["physical-device-path"]
+    (row,) = showmapped()
+    assert row["backends"] == [path] and row["device"] == device and row["manual"] is False
+    assert path in showmapped("plain")
+    # unmap refuses what a guest uses
+    for what in ("rbd:%s" % image, device):
+        result = cli("unmap", what)
+        assert result.returncode == 1
+        assert result.stderr.splitlines() == [
+            "block-rbd: %s is attached to %s; detach it with xl block-detach" % (what, path)]
+    assert loops_under(tmp_path) == [device]
+    assert libxl.run("remove", path).returncode == 0
+    assert showmapped() == []
+
+
+@pytest.mark.parametrize("args, fault", [
+    (("map", "rbd:vm 1"), "block-rbd: image name 'vm 1' contains ' ', which is not allowed"),
+    (("map", "rbd:no-such-image"), "block-rbd: image rbd/no-such-image does not exist"),
+    (("unmap", "rbd:never-mapped"), "block-rbd: rbd:never-mapped is not mapped by block-rbd map on this host"),
+    (("unmap", "/dev/loop200"), "block-rbd: /dev/loop200 is not a device block-rbd mapped on this host"),
+])
+def test_errors_are_one_line(config_path, tmp_path, args, fault):
+    result = cli(*args)
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [fault]  # one error, one line
+    assert loops_under(tmp_path) == [] and mounts_under(tmp_path) == []
+    assert showmapped() == []
