@@ -31,8 +31,83 @@ def need(tool, package):
         pytest.skip("%s not installed (Debian package %s; .ci/run installs it)" % (tool, package))
 
 
+# Inside a Xen dom0 (tests/xen runs this suite there): BLOCK_RBD_TEST_ENV=dom0 makes the
+# `xenstored` fixture the REAL xenstored (same interface as the double) and `ceph_cluster`
+# the external cluster named by BLOCK_RBD_TEST_CEPH_{CONF,ID,KEYRING} and _POOL.
+# BLOCK_RBD_TEST_MAPPER picks the mapper of write_config() (default fuse).
+IN_DOM0 = os.environ.get("BLOCK_RBD_TEST_ENV") == "dom0"
+TEST_MAPPER = os.environ.get("BLOCK_RBD_TEST_MAPPER", "fuse")
+
+
+class ExternalCluster:
+    """The cluster the environment names (the test cluster on the Xen harness's host)."""
+
+    def __init__(self, environ=os.environ):
+        self.conf = environ.get("BLOCK_RBD_TEST_CEPH_CONF", "/etc/ceph/ceph.conf")
+        self.user = environ.get("BLOCK_RBD_TEST_CEPH_ID", "blockrbd")
+        self.user_keyring = environ.get("BLOCK_RBD_TEST_CEPH_KEYRING",
+                                        "/etc/ceph/ceph.client.%s.keyring" % self.user)
+        self.pool = environ.get("BLOCK_RBD_TEST_POOL", "rbd")
+        self.mon_addrs = []
+
+
+class RealXenstore:
+    """The xenstored double's test interface over the real tools (dom0).  Whatever a test
+    created under /local/domain (or at the top level) is removed afterwards."""
+
+    def __init__(self):
+        self.before = self._paths()
+
+    @staticmethod
+    def _tool(*argv):
+        return subprocess.run(list(argv), capture_output=True, text=True, timeout=30)
+
+    def env(self):
+        return {}
+
+    def read(self, path):
+        result = self._tool("xenstore-read", "-R", path)
+        return result.stdout if result.returncode == 0 else None
+
+    def write(self, path, value):
+        result = self._tool("xenstore-write", "-R", path, value)
+        assert result.returncode == 0, result.stderr
+
+    def rm(self, path):
+        self._tool("xenstore-rm", path)
+
+    def exists(self, path):
+        return self._tool("xenstore-exists", path).returncode == 0
+
+    def tree(self, prefix="/"):
+        from block_rbd.xenstore import parse_ls
+        prefix = prefix if prefix.startswith("/") else "/local/domain/0/" + prefix
+        result = self._tool("xenstore-ls", "-f", prefix)
+        if result.returncode != 0:
+            return {}
+        found = {prefix.rstrip("/") + "/" + k: v for k, v in parse_ls(result.stdout, prefix).items()}
+        value = self.read(prefix)
+        if value is not None:
+            found[prefix] = value
+        return found
+
+    def _paths(self):
+        top = self._tool("xenstore-list", "/").stdout.split()
+        local = self._tool("xenstore-ls", "-f", "/local/domain").stdout.splitlines()
+        return set("/" + t for t in top) | set(line.split(" = ", 1)[0] for line in local)
+
+    def cleanup(self):
+        new = sorted(self._paths() - self.before)
+        for path in new:
+            if not any(path.startswith(done + "/") for done in new if done != path):
+                self.rm(path)
+
+
 @pytest.fixture(scope="session")
 def ceph_cluster():
+    if IN_DOM0:
+        yield ExternalCluster()
+        return
     need("ceph-mon", "ceph-mon")
     directory = tempfile.mkdtemp(prefix="brbd-ceph-")
     cluster = TestCluster(directory)
@@ -100,6 +175,11 @@ def remove_image(ioctx, name):
 @pytest.fixture
 def xenstored(tmp_path_factory, monkeypatch):
     """A xenstored double; the real xenstore-* tools reach it via XENSTORED_PATH."""
+    if IN_DOM0:
+        real = RealXenstore()
+        yield real
+        real.cleanup()
+        return
     need("xenstore-read", "xenstore-utils")
     directory = tempfile.mkdtemp(prefix="xsd")  # short: Unix socket paths are limited
     with XenstoredDouble(os.path.join(directory, "sock")) as daemon:
@@ -114,7 +194,7 @@ def write_config(path, cluster, tmp, **overrides):
     data = {
         "ceph": {"conf": cluster.conf, "id": cluster.user, "keyring": cluster.user_keyring},
         "pool": cluster.pool,
-        "mapper": "fuse",
+        "mapper": TEST_MAPPER,
         "host": "testhost",
         "state_dir": os.path.join(tmp, "state"),
         "fuse": {"mount_dir": os.path.join(tmp, "fuse")},
