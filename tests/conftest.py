@@ -5,9 +5,12 @@ wire-protocol double (tests/xenstored.py) driven by Debian's real xenstore
 tools, since this machine has no Xen.
 """
 
+import contextlib
+import glob
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -259,3 +262,79 @@ def libxl(xenstored):
 
 def json_out(result):
     return json.loads(result.stdout)
+
+
+def reap_fuse_mounts(under, only_stopped=False):
+    """Abort and lazily unmount rbd-fuse mounts below `under`; detach their loops.
+
+    A test that froze (SIGSTOP) or killed a mapping client can leave a fuse
+    mount nobody answers: any stat below it, pytest's own clean-up of old
+    temp directories included, then hangs in D state for good.
+    """
+    with open("/proc/self/mountinfo") as handle:
+        mounts = [line.split() for line in handle]
+    for fields in mounts:
+        fstype = fields[fields.index("-") + 1]
+        point = fields[4].replace("\\040", " ")
+        if not fstype.startswith("fuse.rbd-fuse") or not point.startswith(under.rstrip("/") + "/"):
+            continue
+        daemons = _fuse_daemons(point)
+        if only_stopped and daemons and not any(state == "T" for _pid, state in daemons):
+            continue
+        if not os.path.isdir("/sys/fs/fuse/connections/%s" % fields[2].split(":")[1]):
+            subprocess.run(["mount", "-t", "fusectl", "none", "/sys/fs/fuse/connections"],
+                           capture_output=True, timeout=10)
+        try:
+            with open("/sys/fs/fuse/connections/%s/abort" % fields[2].split(":")[1], "w") as abort:
+                abort.write("1")
+        except OSError:
+            pass  # the connection is already gone; the unmount below still applies
+        for backing in glob.glob("/sys/block/loop*/loop/backing_file"):
+            with open(backing) as handle:
+                if handle.read().strip().startswith(point + "/"):
+                    subprocess.run(["losetup", "--detach", "/dev/" + backing.split("/")[3]],
+                                   capture_output=True, timeout=10)
+        subprocess.run(["umount", "-l", point], capture_output=True, timeout=10)
+        for pid, _state in daemons:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _fuse_daemons(point):
+    """(pid, state) of the rbd-fuse processes serving `point`."""
+    found = []
+    for proc in glob.glob("/proc/[0-9]*"):
+        try:
+            with open(proc + "/cmdline", "rb") as handle:
+                argv = handle.read().split(b"\0")
+            if not argv or not argv[0].endswith(b"rbd-fuse") or point.encode() not in argv:
+                continue
+            with open(proc + "/stat") as handle:
+                state = handle.read().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        found.append((int(proc[6:]), state))
+    return found
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_leftover_fuse_mounts(request):
+    # Before pytest removes old temp directories: frozen mounts there would hang it.
+    reap_fuse_mounts("/tmp/pytest-of-%s" % os.environ.get("USER", "root"), only_stopped=True)
+    yield
+    reap_fuse_mounts(str(request.config._tmp_path_factory.getbasetemp()))
+
+
+@pytest.fixture(autouse=True)
+def _restore_block_rbd_logger():
+    """log.setup() (run by in-process CLI/hotplug calls) detaches the logger from
+    pytest's capture; put it back so tests stay independent of their order."""
+    import logging
+    logger = logging.getLogger("block-rbd")
+    saved = (list(logger.handlers), list(logger.filters), logger.propagate, logger.level)
+    yield
+    for handler in logger.handlers:
+        if handler not in saved[0]:
+            handler.close()
+    logger.handlers[:], logger.filters[:] = saved[0], saved[1]
+    logger.propagate, logger.level = saved[2], saved[3]
