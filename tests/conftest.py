@@ -63,7 +63,9 @@ class RealXenstore:
 
     @staticmethod
     def _tool(*argv):
-        return subprocess.run(list(argv), capture_output=True, text=True, timeout=30)
+        # Always the real daemon, whatever a test put in XENSTORED_PATH meanwhile.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("XENSTORED_")}
+        return subprocess.run(list(argv), capture_output=True, text=True, timeout=30, env=env)
 
     def env(self):
         return {}
