@@ -7,7 +7,6 @@ exists for).  Its watch lingers until the OSD's watch timeout (~30 s).
 
 import os
 import signal
-import subprocess
 import time
 import uuid
 
@@ -97,17 +96,43 @@ def test_frozen_holder_is_fenced_and_cannot_write(three_hosts, libxl, ceph_clust
         assert [r["key"] for r in _locks(h3, image)] == ["host3:" + path3]
     finally:
         os.kill(pid, signal.SIGCONT)
-    # The old client wakes up and tries to write: the cluster refuses it.
-    dd = subprocess.run(["dd", "if=/dev/zero", "of=" + device1, "bs=4096", "count=1", "oflag=direct",
-                         "conv=fsync"], capture_output=True, text=True, timeout=60)
-    assert dd.returncode != 0, "a fenced client could still write"
-    assert "Input/output error" in dd.stderr, dd.stderr
-    # The new holder writes fine.
-    device3 = libxl.keys(path3)["physical-device-path"]
-    dd = subprocess.run(["dd", "if=/dev/zero", "of=" + device3, "bs=4096", "count=1", "oflag=direct",
-                         "conv=fsync"], capture_output=True, text=True, timeout=60)
-    assert dd.returncode == 0, dd.stderr
-    h1.remove(path1)
-    assert [r["key"] for r in _locks(h3, image)] == ["host3:" + path3]
-    assert h3.remove(path3).returncode == 0
-    ceph_cluster.ceph("osd", "blocklist", "rm", addr)
+    try:
+        # The old client wakes up and writes: nothing it writes may reach the image.
+        pattern = bytes([0xAB]) * 4096
+        offset = 1 << 20
+        tried = _write(device1, pattern, offset)
+        time.sleep(3)  # time for rbd-fuse to flush whatever it accepted
+        tried_again = _write(device1, pattern, offset)
+        import rbd
+        with rbd.Image(rbd_admin[1], image, read_only=True) as img:
+            assert img.read(offset, 4096) != pattern, \
+                "a fenced client could still write (dd said: %s / %s)" % (tried, tried_again)
+        # The new holder writes fine.
+        device3 = libxl.keys(path3)["physical-device-path"]
+        assert _write(device3, pattern, 0) == "ok"
+        with rbd.Image(rbd_admin[1], image, read_only=True) as img:
+            assert img.read(0, 4096) == pattern
+    finally:
+        h1.remove(path1)
+        assert [r["key"] for r in _locks(h3, image)] == ["host3:" + path3]
+        assert h3.remove(path3).returncode == 0
+        ceph_cluster.ceph("osd", "blocklist", "rm", addr)
+
+
+def _write(device, data, offset):
+    """Write through the block device, bypassing dom0's page cache; "ok" or the error."""
+    import mmap
+    buf = mmap.mmap(-1, len(data))
+    buf.write(data)
+    try:
+        fd = os.open(device, os.O_WRONLY | os.O_DIRECT | os.O_SYNC)
+    except OSError as exc:
+        return exc.strerror
+    try:
+        os.pwrite(fd, buf, offset)
+        os.fsync(fd)
+        return "ok"
+    except OSError as exc:
+        return exc.strerror
+    finally:
+        os.close(fd)
