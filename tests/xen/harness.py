@@ -283,6 +283,7 @@ class Harness:
                     if line.split() and not line.startswith("#"):
                         name, size = line.split()[:2]
                         self.images.append((name, int(size)))
+        self.hooks = load_host_hooks(self.program)
         self.ns = None
         self.cluster = None
         self.qemu = None
@@ -340,6 +341,10 @@ class Harness:
                     info = self.cluster.start()
                     config.update(self._cluster_files(info, files))
                     timings["cluster"] = round(time.time() - t0, 2)
+                    if hasattr(self.hooks, "prepare"):
+                        t0 = time.time()
+                        self.hooks.prepare(HostContext(self, boot, config, files))
+                        timings["prepare"] = round(time.time() - t0, 2)
                 else:
                     log("tools/testcluster.py not present: running without a cluster")
                     self.cluster = None
@@ -360,6 +365,14 @@ class Harness:
             with open(serial, "rb") as fh:
                 text = fh.read().decode("utf-8", "replace")
             parsed = parse_serial(text, outdir)
+            if self.cluster is not None and hasattr(self.hooks, "verify"):
+                t0 = time.time()
+                try:
+                    self.hooks.verify(HostContext(self, boot, config, files), parsed)
+                except Exception as exc:  # a broken check is a failure, not a crash
+                    parsed["results"].append({"name": "host-verify", "status": "FAIL",
+                                              "seconds": 0.0, "detail": repr(exc)})
+                timings["verify"] = round(time.time() - t0, 2)
             timings["total"] = round(time.time() - t_start, 2)
             summary = {"qemu_rc": rc, "timings": timings, "workdir": self.workdir,
                        "serial": serial, "build": boot, **parsed}
@@ -446,6 +459,57 @@ class Harness:
             return "timeout"
         finally:
             qlog.close()
+
+
+def load_host_hooks(program):
+    """The program's optional host.py: prepare(ctx) before boot, verify(ctx, parsed) after.
+
+    Both run on the host with the cluster up.  prepare may create/fill images (as the
+    admin, through ctx.admin / ctx.admin_python) and add dom0 files (ctx.files) and
+    /brbd/config entries (ctx.config); verify may check what dom0 left in Ceph and
+    mark results (ctx.mark(parsed, name, ok, detail)).
+    """
+    path = os.path.join(program or "", "host.py")
+    if not program or not os.path.exists(path):
+        return None
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("brbd_host_hooks", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class HostContext:
+    def __init__(self, harness, boot, config, files):
+        self.harness = harness
+        self.boot = boot
+        self.config = config
+        self.files = files
+        self.workdir = harness.workdir
+        self.info = harness.cluster.info
+        self.pool = harness.cluster.info.get("pool", "rbd")
+
+    def admin(self, argv, timeout=120):
+        return self.harness.cluster.admin(argv, timeout=timeout)
+
+    def admin_python(self, code, args=(), timeout=120):
+        """Run python3 `code` inside the namespace; argv[1:] = conf, admin keyring, pool, *args."""
+        i = self.info
+        return run(self.harness.ns.exec_argv(["/usr/bin/python3", "-c", code, i["conf"],
+                                              i["admin_keyring"], self.pool] + list(args)),
+                   timeout=timeout, check=False)
+
+    @staticmethod
+    def mark(parsed, name, ok, detail):
+        """Fold a host-side check into scenario `name` (added if dom0 did not report it)."""
+        for res in parsed["results"]:
+            if res["name"] == name:
+                if not ok and res["status"] != "FAIL":
+                    res["status"] = "FAIL"
+                res["detail"] = (res["detail"] + "; host: " + detail).strip("; ")
+                return
+        parsed["results"].append({"name": name, "status": "PASS" if ok else "FAIL",
+                                  "seconds": 0.0, "detail": "host: " + detail})
 
 
 def _raise_exit(signum, frame):
