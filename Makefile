@@ -12,7 +12,7 @@ PYLIBDIR    ?= $(shell $(PYTHON) -c 'import sys; print("/usr/local/lib/python%d.
 # tools, rbd-fuse/rbd-nbd, qemu-img.  Xen: what the Xen-in-QEMU harness builds from.
 RUNTIME_DEBS = python3 python3-rados python3-rbd python3-click python3-yaml ceph-common fuse rbd-fuse rbd-nbd
 TEST_DEBS    = $(RUNTIME_DEBS) python3-venv ceph-mon ceph-mgr ceph-osd xenstore-utils qemu-utils util-linux kmod
-XEN_DEBS     = qemu-system-x86 iproute2 cpio busybox-static
+XEN_DEBS     = qemu-system-x86 iproute2 cpio busybox-static e2fsprogs python3-pytest python3-pytest-mock
 
 .PHONY: help deps venv install uninstall demo test test-unit test-xen bench clean
 

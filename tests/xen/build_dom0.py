@@ -61,6 +61,11 @@ HOST_PACKAGES = [
     "python3.11", "libpython3.11-stdlib", "python3-rados", "python3-rbd", "python3-click",
     "python3-yaml", "ceph-common", "rbd-nbd", "librados2", "librbd1", "bash", "libc6",
     "libgcc-s1", "coreutils", "mount", "util-linux",
+    # pytest in dom0 (the hotplug-path tests against the real xenstored)
+    "python3-pytest", "python3-pytest-mock", "python3-pluggy", "python3-iniconfig",
+    "python3-packaging", "python3-py", "python3-attr",
+    # pygrub's ext2/3/4 plugin (libxenfsimage's ext2fs-lib)
+    "libext2fs2",
 ]
 
 KMOD_ROOTS = [
@@ -85,7 +90,20 @@ PY_STDLIB_EXCLUDE = {"test", "idlelib", "tkinter", "turtledemo", "ensurepip", "l
                      "distutils/tests", "ctypes/test", "sqlite3/test", "tkinter/test"}
 PY_DIST = "/usr/lib/python3/dist-packages"
 PY_DIST_ITEMS = ["rados.cpython-311-x86_64-linux-gnu.so", "rbd.cpython-311-x86_64-linux-gnu.so",
-                 "click", "yaml", "_yaml"]
+                 "click", "yaml", "_yaml",
+                 # pytest 7 and what it imports; the *-info dirs carry the pytest11 entry
+                 # point that loads pytest-mock's `mocker`
+                 "pytest", "_pytest", "pluggy", "iniconfig", "packaging", "py", "py.py",
+                 "pytest_mock", "attr", "attrs", "*pytest*-info", "pluggy*-info",
+                 "iniconfig*-info", "packaging*-info", "py-*-info", "attrs*-info"]
+# pygrub (libxl runs it for bootloader="pygrub"): the script, its python modules next to
+# it, libxenfsimage and its ext2fs plugin, all at the paths they were built for.
+XEN_PRIV = f"usr/lib/xen-{XEN_VER}"
+PYGRUB_FILES = [("xen-utils-4.17", f"{XEN_PRIV}/bin/pygrub"),
+                ("xen-utils-4.17", f"{XEN_PRIV}/lib/python/grub"),
+                ("xen-utils-4.17", f"{XEN_PRIV}/lib/python/xenfsimage.cpython-311-x86_64-linux-gnu.so"),
+                ("libxenmisc4.17", f"{XEN_PRIV}/lib/x86_64-linux-gnu/libxenfsimage.so.4.17"),
+                ("libxenmisc4.17", f"{XEN_PRIV}/lib/x86_64-linux-gnu/xenfsimage/ext2fs-lib/fsimage.so")]
 EXTRA_HOST_LIBS = ["/usr/lib/x86_64-linux-gnu/libgcc_s.so.1"]
 EXTRA_HOST_DIRS = ["/usr/lib/x86_64-linux-gnu/ceph/crypto",
                    "/usr/lib/x86_64-linux-gnu/ceph/compressor"]
@@ -405,12 +423,23 @@ def build_base(cache, kernel, versions, roots, outdir):
         for f in sorted(glob.glob(os.path.join(d, "*.so*"))):
             st.with_libs(f)
     copy_tree(PY_STDLIB, R + PY_STDLIB, PY_STDLIB_EXCLUDE)
-    for item in PY_DIST_ITEMS:
-        src = os.path.join(PY_DIST, item)
+    for pattern in PY_DIST_ITEMS:
+        matches = sorted(glob.glob(os.path.join(PY_DIST, pattern)))
+        if not matches:
+            raise RuntimeError(f"{PY_DIST}/{pattern} missing (apt-get install the package)")
+        for src in matches:
+            if os.path.isdir(src):
+                copy_tree(src, R + src, set())
+            else:
+                st.put_file(src)
+    xen_libdir = os.path.join(roots["libxenmisc4.17"], XEN_PRIV, "lib/x86_64-linux-gnu")
+    st.libpath.append(xen_libdir)
+    for pkg, rel in PYGRUB_FILES:
+        src = os.path.join(roots[pkg], rel)
         if os.path.isdir(src):
-            copy_tree(src, R + src, set())
+            copy_tree(src, R + "/" + rel, set())
         else:
-            st.put_file(src)
+            st.with_libs(src, "/" + rel)
     for so in sorted(glob.glob(R + "/usr/lib/python3*/**/*.so", recursive=True)):
         st.libs_of(so[len(R):])
 
