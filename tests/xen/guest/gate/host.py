@@ -1,0 +1,244 @@
+"""Host side of the release gate (loaded by harness.py): fill images before boot, check
+what dom0 and the guests wrote through librbd after the run.
+
+prepare: images with known contents (as the cluster admin, through librbd), the PV
+guest's kernel + initramfs, the PyGrub image (an ext4 made with mkfs.ext4 -d, imported
+into an RBD image), dom0's /etc/xen/block-rbd.yaml, and the test tree for pytest in dom0.
+verify: the patterns written through /dev/xvdb in dom0 and the guests' writes are in Ceph.
+"""
+
+import gzip
+import hashlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+XEN_TESTS = os.path.dirname(os.path.dirname(HERE))
+REPO = os.path.dirname(os.path.dirname(XEN_TESTS))
+sys.path.insert(0, XEN_TESTS)
+import build_dom0  # noqa: E402
+from cpio import CpioWriter  # noqa: E402
+
+MiB = 1 << 20
+PATTERN_OFFSET = MiB
+PATTERN_LEN = 4 * MiB
+PV_IMAGES = ["pv-a", "pv-b", "pv-c", "pv-d"]
+PV_MARKER_LEN = 64
+GOLDEN = (b"block-rbd golden read-only data\n" * 32768)[:MiB]
+
+# Images and what they hold before boot: name -> (size, [(offset, data)]).
+def images(pattern):
+    spec = {
+        "krbd1": (64 * MiB, []),
+        "nbd1": (64 * MiB, []),
+        "ro1": (64 * MiB, [(0, GOLDEN)]),
+        "bench": (64 * MiB, []),
+    }
+    for name in PV_IMAGES:
+        spec[name] = (16 * MiB, [(0, ("BRBD-MARKER %s\n" % name).encode())])
+    return spec
+
+
+# Runs inside the namespace as the admin: argv = conf, keyring, pool, job.json
+FILL = r"""
+import json, sys, rados, rbd
+conf, keyring, pool, job = sys.argv[1:5]
+c = rados.Rados(conffile=conf, rados_id="admin", conf={"keyring": keyring})
+c.connect(timeout=30)
+io = c.open_ioctx(pool)
+for item in json.load(open(job)):
+    try:
+        rbd.RBD().remove(io, item["name"])
+    except rbd.ImageNotFound:
+        pass
+    rbd.RBD().create(io, item["name"], item["size"], old_format=False)
+    with rbd.Image(io, item["name"]) as im:
+        for off, path in item["writes"]:
+            im.write(open(path, "rb").read(), off)
+print("ok")
+"""
+
+READ = r"""
+import hashlib, json, sys, rados, rbd
+conf, keyring, pool, job = sys.argv[1:5]
+c = rados.Rados(conffile=conf, rados_id="admin", conf={"keyring": keyring})
+c.connect(timeout=30)
+io = c.open_ioctx(pool)
+out = {}
+for name, off, length in json.loads(job):
+    try:
+        with rbd.Image(io, name, read_only=True) as im:
+            data = im.read(off, length)
+            watchers = len(list(im.watchers_list())) if hasattr(im, "watchers_list") else -1
+        out["%s@%d" % (name, off)] = [hashlib.md5(data).hexdigest(), data[:64].hex(), watchers]
+    except rbd.ImageNotFound:
+        out["%s@%d" % (name, off)] = None
+print(json.dumps(out))
+"""
+
+
+def _workdir(ctx):
+    path = os.path.join(ctx.workdir, "gate")
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def _extract_root(ctx, name):
+    versions = ctx.boot["packages"]
+    pkg = [n for n in versions if n == name or (name == "kernel" and n.startswith("linux-image-"))][0]
+    roots = build_dom0.fetch_and_extract(build_dom0.cache_dir(), {pkg: versions[pkg]})
+    return roots[pkg]
+
+
+def guest_initrd(ctx):
+    """busybox-static + xen-blkfront.ko + guest-init, gzip'd newc cpio."""
+    bb = os.path.join(_extract_root(ctx, "busybox-static"), "bin/busybox")
+    kroot = _extract_root(ctx, "kernel")
+    found = []
+    for dirpath, _dirs, files in os.walk(os.path.join(kroot, "lib/modules")):
+        if "xen-blkfront.ko" in files:
+            found.append(os.path.join(dirpath, "xen-blkfront.ko"))
+    if not found:
+        raise RuntimeError("xen-blkfront.ko not found under %s" % kroot)
+    buf = io.BytesIO()
+    w = CpioWriter(buf)
+    for d in ("bin", "proc", "sys", "dev", "tmp"):
+        w.directory(d)
+    w.chardev("/dev/console", 5, 1)
+    with open(bb, "rb") as fh:
+        w.file("/bin/busybox", fh.read(), 0o755)
+    with open(found[0], "rb") as fh:
+        w.file("/xen-blkfront.ko", fh.read(), 0o644)
+    with open(os.path.join(HERE, "guest-init"), "rb") as fh:
+        w.file("/init", fh.read(), 0o755)
+    w.close()
+    return gzip.compress(buf.getvalue(), compresslevel=6, mtime=0)
+
+
+def pygrub_fs(ctx, kernel, initrd, path):
+    """An ext4 filesystem (no partition table) with /boot/grub/grub.cfg, kernel, initrd."""
+    stage = path + ".d"
+    shutil.rmtree(stage, ignore_errors=True)
+    os.makedirs(os.path.join(stage, "boot", "grub"))
+    with open(os.path.join(stage, "boot", "vmlinuz-brbd"), "wb") as fh:
+        fh.write(kernel)
+    with open(os.path.join(stage, "boot", "initrd-brbd.gz"), "wb") as fh:
+        fh.write(initrd)
+    with open(os.path.join(stage, "boot", "grub", "grub.cfg"), "w") as fh:
+        fh.write("set default=0\nset timeout=0\n\n"
+                 "menuentry 'block-rbd pygrub test' {\n"
+                 "\tlinux /boot/vmlinuz-brbd console=hvc0 quiet brbd_mode=pygrub brbd_token=from-rbd-image\n"
+                 "\tinitrd /boot/initrd-brbd.gz\n}\n")
+    size_mb = (len(kernel) + len(initrd)) // MiB + 8
+    if os.path.exists(path):
+        os.unlink(path)
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-O", "^has_journal", "-L", "brbdboot", "-E",
+                    "root_owner=0:0", "-d", stage, path, "%dM" % size_mb],
+                   check=True, timeout=60, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    shutil.rmtree(stage)
+    return size_mb
+
+
+def dom0_config(ctx):
+    c = ctx.config
+    return ("# written by tests/xen/guest/gate/host.py\n"
+            "ceph: {conf: /etc/ceph/ceph.conf, id: %s, keyring: %s}\n"
+            "pool: %s\nmapper: krbd\nhost: dom0-under-test\n"
+            "krbd: {options: [ms_mode=prefer-crc]}\n"
+            "log: {file: /var/log/xen/xen-hotplug.log, syslog: false, verbose: true}\n"
+            % (c["BRBD_ID"], c["BRBD_KEYRING"], c["BRBD_POOL"]))
+
+
+def test_tree(files):
+    """The test suite, tools/testcluster.py and benchmarks/attach.py under /opt/block-rbd."""
+    for top in ("tests", "tools", "benchmarks"):
+        for dirpath, dirnames, filenames in os.walk(os.path.join(REPO, top)):
+            dirnames[:] = sorted(d for d in dirnames if d not in ("__pycache__", "xen", ".pytest_cache"))
+            for name in sorted(filenames):
+                if name.endswith((".pyc", ".pyo")):
+                    continue
+                src = os.path.join(dirpath, name)
+                rel = os.path.relpath(src, REPO)
+                if top == "tests" and not (name.endswith(".py") or rel.count(os.sep) == 1):
+                    continue
+                with open(src, "rb") as fh:
+                    files["/opt/block-rbd/" + rel] = (fh.read(), os.stat(src).st_mode & 0o777)
+    for name in ("setup.cfg", "pytest.ini", "pyproject.toml", "tox.ini"):
+        src = os.path.join(REPO, name)
+        if os.path.exists(src):
+            with open(src, "rb") as fh:
+                files["/opt/block-rbd/" + name] = fh.read()
+
+
+def prepare(ctx):
+    work = _workdir(ctx)
+    pattern = hashlib.sha256(b"block-rbd gate").digest() * (PATTERN_LEN // 32)
+    pattern = bytes(b ^ (i * 131 & 0xFF) for i, b in enumerate(pattern[:PATTERN_LEN]))
+    ctx.files["/brbd/run/pattern.bin"] = pattern
+
+    with open(ctx.boot["kernel"], "rb") as fh:
+        kernel = fh.read()
+    initrd = guest_initrd(ctx)
+    ctx.files["/brbd/guest/vmlinuz"] = kernel
+    ctx.files["/brbd/guest/initrd.gz"] = initrd
+
+    job = []
+    for name, (size, writes) in sorted(images(pattern).items()):
+        item = {"name": name, "size": size, "writes": []}
+        for n, (off, data) in enumerate(writes):
+            path = os.path.join(work, "%s.%d.bin" % (name, n))
+            with open(path, "wb") as fh:
+                fh.write(data)
+            item["writes"].append([off, path])
+        job.append(item)
+    fs = os.path.join(work, "pygrub.ext4")
+    size_mb = pygrub_fs(ctx, kernel, initrd, fs)
+    job.append({"name": "pygrub", "size": size_mb * MiB, "writes": [[0, fs]]})
+    with open(os.path.join(work, "fill.json"), "w") as fh:
+        json.dump(job, fh)
+    p = ctx.admin_python(FILL, [os.path.join(work, "fill.json")], timeout=180)
+    if p.returncode != 0 or "ok" not in p.stdout:
+        raise RuntimeError("filling the gate's images failed: %s" % p.stderr[-2000:])
+
+    ctx.files["/etc/xen/block-rbd.yaml"] = dom0_config(ctx).encode()
+    ctx.config["BRBD_PATTERN_MD5"] = hashlib.md5(pattern).hexdigest()
+    ctx.config["BRBD_GOLDEN_MD5"] = hashlib.md5(GOLDEN).hexdigest()
+    ctx.config["BRBD_PV_IMAGES"] = " ".join(PV_IMAGES)
+    test_tree(ctx.files)
+
+
+def verify(ctx, parsed):
+    pattern_md5 = ctx.config["BRBD_PATTERN_MD5"]
+    want = [["krbd1", PATTERN_OFFSET, PATTERN_LEN], ["nbd1", PATTERN_OFFSET, PATTERN_LEN],
+            ["ro1", 0, MiB]] + [[n, 4096, 64] for n in PV_IMAGES]
+    p = ctx.admin_python(READ, [json.dumps(want)], timeout=120)
+    if p.returncode != 0:
+        raise RuntimeError("reading back through librbd failed: %s" % p.stderr[-2000:])
+    got = json.loads(p.stdout.strip().splitlines()[-1])
+    with open(os.path.join(_workdir(ctx), "readback.json"), "w") as fh:
+        json.dump(got, fh, indent=1)
+    for scenario, key in (("krbd-attach", "krbd1@%d" % PATTERN_OFFSET),
+                          ("nbd-attach", "nbd1@%d" % PATTERN_OFFSET)):
+        md5 = got[key][0] if got.get(key) else None
+        ctx.mark(parsed, scenario, md5 == pattern_md5,
+                 "librbd read-back of the pattern %s" % ("matches" if md5 == pattern_md5 else
+                                                          "MISMATCH (%s)" % md5))
+    md5 = got["ro1@0"][0] if got.get("ro1@0") else None
+    golden = hashlib.md5(GOLDEN).hexdigest()
+    ctx.mark(parsed, "ro-attach", md5 == golden,
+             "image unchanged after the ro attach" if md5 == golden else "image CHANGED (%s)" % md5)
+    bad = []
+    for name in PV_IMAGES:
+        entry = got.get("%s@4096" % name)
+        text = bytes.fromhex(entry[1]).split(b"\n")[0].decode("ascii", "replace") if entry else None
+        if text != "BRBD-GUEST-WROTE %s" % name:
+            bad.append("%s: %r" % (name, text))
+    ctx.mark(parsed, "pv-guest-4disks", not bad,
+             "the guest's 4 writes are in Ceph" if not bad else "missing guest writes: " + ", ".join(bad))
+    busy = sorted(k for k, v in got.items() if v and v[2] > 0)
+    ctx.mark(parsed, "nothing-left-mapped", not busy,
+             "no watchers left on the gate's images" if not busy else "watchers on: " + ", ".join(busy))

@@ -1,0 +1,109 @@
+"""The Xen release gate: boot Xen + dom0 under QEMU/TCG once per session (the program in
+tests/xen/guest/gate), report one pytest test per scenario.
+
+Needs root (network namespace, tap) and qemu-system-x86_64; `make deps` installs it.
+Prints the wall times and the per-scenario attach/detach timings (relative figures:
+TCG is slow).
+"""
+
+import os
+import re
+import shutil
+import sys
+import time
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+GATE = os.path.join(HERE, "guest", "gate")
+SCENARIOS = [
+    "krbd-attach", "nbd-attach", "ro-attach", "missing-image", "pv-guest-4disks",
+    "pygrub-guest", "pytest-dom0-krbd", "pytest-dom0-nbd", "bench-attach", "nothing-left-mapped",
+]
+TIMEOUT = int(os.environ.get("BLOCK_RBD_XEN_TIMEOUT", "900"))
+
+
+def _unavailable():
+    if not shutil.which("qemu-system-x86_64"):
+        return "qemu-system-x86_64 not installed (Debian package qemu-system-x86; make deps installs it)"
+    if os.geteuid() != 0:
+        return "the Xen harness needs root (network namespace and tap device)"
+    if not shutil.which("ip"):
+        return "ip not installed (Debian package iproute2)"
+    return None
+
+
+@pytest.fixture(scope="session")
+def gate(tmp_path_factory):
+    reason = _unavailable()
+    if reason:
+        pytest.skip(reason)
+    import harness
+    workdir = os.environ.get("BLOCK_RBD_XEN_KEEP") or str(tmp_path_factory.mktemp("xen-gate"))
+    started = time.time()
+    summary = harness.run_program(GATE, use_cluster=True, timeout=TIMEOUT, keep=workdir)
+    summary["wall"] = round(time.time() - started, 1)
+    return summary
+
+
+def _timings(summary):
+    path = os.path.join(summary["workdir"], "out", "timings.txt")
+    rows = []
+    if os.path.exists(path):
+        with open(path) as handle:
+            for line in handle:
+                parts = line.split()
+                if len(parts) >= 2:
+                    rows.append((parts[0], parts[1], " ".join(parts[2:])))
+    return rows
+
+
+def _bench(summary):
+    path = os.path.join(summary["workdir"], "out", "bench.txt")
+    if not os.path.exists(path):
+        return []
+    with open(path) as handle:
+        return [line.rstrip() for line in handle if line.strip() and not line.startswith("BENCH")]
+
+
+def test_vm_ran_to_the_end(gate):
+    """dom0 finished its program and the result archive came back intact."""
+    assert gate["qemu_rc"] == 0, "QEMU: %s (serial log %s)" % (gate["qemu_rc"], gate["serial"])
+    assert not gate["boot_fail"], gate["boot_fail"]
+    assert gate["done"] and gate["archive_ok"], "no intact result archive (see %s)" % gate["serial"]
+
+
+@pytest.mark.parametrize("name", SCENARIOS)
+def test_scenario(gate, name):
+    found = [r for r in gate["results"] if r["name"] == name]
+    assert found, "scenario %s did not report (serial log %s)" % (name, gate["serial"])
+    result = found[-1]
+    if result["status"] == "SKIP":
+        pytest.skip(result["detail"])
+    log = os.path.join(gate["workdir"], "out", "scenarios", name + ".log")
+    assert result["status"] == "PASS", "%s (log %s)" % (result["detail"], log)
+
+
+def test_report(gate, capsys):
+    """Not a check: prints the wall times and per-scenario timings."""
+    lines = ["", "Xen gate: wall %.1f s (build %s s, cluster %s s, prepare %s s, QEMU %s s, verify %s s)"
+             % (gate["wall"], *(gate["timings"].get(k) for k in ("build", "cluster", "prepare", "qemu",
+                                                                  "verify"))),
+             "  dom0 stages (s since boot): " + ", ".join(
+                 "%s %.1f" % (k, v) for k, v in gate["stages"].items() if v is not None),
+             "  base layer %s" % ("cached" if gate["build"].get("base_cached") else "BUILT (cold)")]
+    lines.append("  %-22s %-5s %8s" % ("scenario", "", "seconds"))
+    for r in gate["results"]:
+        lines.append("  %-22s %-5s %8s  %s" % (r["name"], r["status"], r["seconds"], r["detail"][:110]))
+    lines.append("  xl timings (s, under TCG):")
+    for label, secs, rest in _timings(gate):
+        lines.append("    %-28s %6s %s" % (label, secs, rest))
+    bench = _bench(gate)
+    if bench:
+        lines.append("  attach benchmark in dom0:")
+        lines += ["    " + line for line in bench]
+    with capsys.disabled():
+        print("\n".join(lines))
+    assert re.match(r"\d", str(gate["wall"]))
