@@ -126,6 +126,13 @@ def unmap_cmd(obj, what):
                                                             Registry(config))))
 
 
+def echo_table(table):
+    """Print rows (the first is the header) in aligned columns."""
+    widths = [max(len(str(row[i])) for row in table) for i in range(len(table[0]))]
+    for row in table:
+        click.echo("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip())
+
+
 def mapped_rows(config):
     """This host's mappings: what the mappers see, joined with block-rbd's records."""
     records = {(r["image"], r["read_only"]): r for r in attachments.local_state(config).records()}
@@ -168,9 +175,7 @@ def showmapped_cmd(obj, fmt):
          ",".join(r["backends"] + (["manual"] if r["manual"] else [])) or
          ("-" if r["managed"] else "(not block-rbd)"))
         for r in rows]
-    widths = [max(len(str(row[i])) for row in table) for i in range(len(header))]
-    for row in table:
-        click.echo("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip())
+    echo_table(table)
 
 
 @cli.command("doctor")

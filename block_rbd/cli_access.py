@@ -5,7 +5,7 @@ import time
 
 import click
 
-from .cli import cli
+from .cli import cli, echo_table
 from .cluster import Cluster
 from .registry import Registry
 from .target import parse
@@ -35,9 +35,7 @@ def locks_cmd(obj, target, fmt):
         (r.key, r.mode, r.identity, r.domid or "-", r.devid or "-", r.client or "-",
          time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(r.since)), r.state) for r in regs]
     if regs:
-        widths = [max(len(str(row[i])) for row in table) for i in range(len(header))]
-        for row in table:
-            click.echo("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
+        echo_table(table)
     known = {r.client for r in regs}
     outside = sorted(set(watchers) - known)
     if outside:

@@ -11,7 +11,7 @@ import click
 
 from . import backup as backup_mod
 from . import images
-from .cli import cli
+from .cli import cli, echo_table
 from .cluster import Cluster
 from .target import parse_size, parse_spec
 
@@ -71,9 +71,7 @@ def snapshot_list_cmd(obj, image, fmt):
     table = [("NAME", "SIZE", "PROTECTED", "TIMESTAMP")] + [
         (r["name"], str(r["size"]), "yes" if r["protected"] else "no", str(r["timestamp"] or "-"))
         for r in rows]
-    widths = [max(len(row[i]) for row in table) for i in range(4)]
-    for row in table:
-        click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    echo_table(table)
 
 
 @snapshot_group.command("remove")

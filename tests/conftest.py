@@ -340,3 +340,46 @@ def _restore_block_rbd_logger():
             handler.close()
     logger.handlers[:], logger.filters[:] = saved[0], saved[1]
     logger.propagate, logger.level = saved[2], saved[3]
+
+
+@pytest.fixture
+def fuse_cleanup(tmp_path, make_image):
+    """Whatever a failing test left under its own directory goes (loops first, then mounts),
+    before make_image removes the images."""
+    yield
+    fuse_dir = os.path.join(str(tmp_path), "fuse")
+    for path in glob.glob("/sys/block/loop*/loop/backing_file"):
+        try:
+            with open(path) as handle:
+                if handle.read().startswith(fuse_dir):
+                    subprocess.run(["losetup", "--detach", "/dev/" + path.split("/")[3]], check=False)
+        except OSError:
+            pass
+    with open("/proc/self/mountinfo") as handle:
+        points = [line.split()[4] for line in handle if fuse_dir in line]
+    for point in points:
+        subprocess.run(["fusermount", "-u", "-z", point], check=False)
+
+
+def leftovers(tmp):
+    """Everything of ours still on this host for the run rooted at `tmp`."""
+    fuse_dir = os.path.join(str(tmp), "fuse")
+    with open("/proc/self/mountinfo") as handle:
+        mounts = [line for line in handle if fuse_dir in line]
+    loops = []
+    for path in glob.glob("/sys/block/loop*/loop/backing_file"):
+        try:
+            with open(path) as handle:
+                if handle.read().startswith(fuse_dir):
+                    loops.append(path.split("/")[3])
+        except OSError:
+            pass
+    holders = []
+    for path in glob.glob(os.path.join(str(tmp), "state", "maps", "*.json")):
+        with open(path) as handle:
+            record = json.load(handle)
+        holders += ["%s: %s" % (record["image"], h) for h in record["holders"]]
+    return {"mounts": mounts, "loops": loops, "holders": holders}
+
+
+NOTHING = {"mounts": [], "loops": [], "holders": []}

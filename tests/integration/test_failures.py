@@ -3,7 +3,6 @@ hotplug-error, hotplug-status=error, a non-zero exit, the line in the log file
 and on stderr, and nothing left behind (no loop, no fuse mount, no holder).
 And no cephx secret ever shows in a command line, the log or xenstore."""
 
-import glob
 import json
 import os
 import signal
@@ -14,52 +13,14 @@ import time
 
 import pytest
 
-from conftest import SCRIPT
+from conftest import NOTHING, SCRIPT, leftovers
 
 MiB = 1 << 20
 
 
-@pytest.fixture(autouse=True)
-def no_leftovers_after(tmp_path, make_image):
-    """Whatever a failing test left under its own directory goes (loops first, then mounts),
-    before make_image removes the images."""
-    yield
-    fuse_dir = os.path.join(str(tmp_path), "fuse")
-    for path in glob.glob("/sys/block/loop*/loop/backing_file"):
-        try:
-            with open(path) as handle:
-                if handle.read().startswith(fuse_dir):
-                    subprocess.run(["losetup", "--detach", "/dev/" + path.split("/")[3]], check=False)
-        except OSError:
-            pass
-    with open("/proc/self/mountinfo") as handle:
-        points = [line.split()[4] for line in handle if fuse_dir in line]
-    for point in points:
-        subprocess.run(["fusermount", "-u", "-z", point], check=False)
+pytestmark = pytest.mark.usefixtures("fuse_cleanup")
 
 
-def leftovers(tmp):
-    """Everything of ours still on this host for the run rooted at `tmp`."""
-    fuse_dir = os.path.join(str(tmp), "fuse")
-    with open("/proc/self/mountinfo") as handle:
-        mounts = [line for line in handle if fuse_dir in line]
-    loops = []
-    for path in glob.glob("/sys/block/loop*/loop/backing_file"):
-        try:
-            with open(path) as handle:
-                if handle.read().startswith(fuse_dir):
-                    loops.append(path.split("/")[3])
-        except OSError:
-            pass
-    holders = []
-    for path in glob.glob(os.path.join(str(tmp), "state", "maps", "*.json")):
-        with open(path) as handle:
-            record = json.load(handle)
-        holders += ["%s: %s" % (record["image"], h) for h in record["holders"]]
-    return {"mounts": mounts, "loops": loops, "holders": holders}
-
-
-NOTHING = {"mounts": [], "loops": [], "holders": []}
 
 
 def assert_failed_cleanly(libxl, result, path, tmp, fault):

@@ -16,23 +16,7 @@ from conftest import SCRIPT
 MiB = 1 << 20
 
 
-@pytest.fixture(autouse=True)
-def no_leftovers_after(tmp_path, make_image):
-    """Whatever a failing test left under its own directory goes (loops first, then mounts),
-    before make_image removes the images."""
-    yield
-    fuse_dir = os.path.join(str(tmp_path), "fuse")
-    for path in glob.glob("/sys/block/loop*/loop/backing_file"):
-        try:
-            with open(path) as handle:
-                if handle.read().startswith(fuse_dir):
-                    subprocess.run(["losetup", "--detach", "/dev/" + path.split("/")[3]], check=False)
-        except OSError:
-            pass
-    with open("/proc/self/mountinfo") as handle:
-        points = [line.split()[4] for line in handle if fuse_dir in line]
-    for point in points:
-        subprocess.run(["fusermount", "-u", "-z", point], check=False)
+pytestmark = pytest.mark.usefixtures("fuse_cleanup")
 
 
 def cli(*args, env=None):
