@@ -285,6 +285,10 @@ class Registry:
         rados, _rbd = _bindings()
         try:
             cluster.rados.blocklist_add(address, 0)
+            # As librbd's lock breaker does: our next ops then carry the epoch
+            # holding the blocklist entry, so no OSD serves them before it
+            # knows the fenced client is out.
+            cluster.rados.wait_for_latest_osdmap()
         except rados.Error as exc:
             raise translate(exc, "blocklisting %s" % address) from None
         log.warning("blocklisted client %s", address)
