@@ -28,7 +28,7 @@ import uuid
 
 from . import process
 from .cluster import _bindings, translate
-from .errors import BlockRbdError, ImageNotFound
+from .errors import BackupError, BlockRbdError, ImageNotFound
 from .target import ImageSpec
 
 log = logging.getLogger("block-rbd")
@@ -49,10 +49,6 @@ QEMU_IMG_PER_GIB = 60
 _ZERO = bytes(CHUNK)
 # Refine object-map extents per object (measured: 0.64x vs 0.87x of rbd export at 5 %).
 REFINE = True
-
-
-class BackupError(BlockRbdError):
-    """A backup or restore file is missing, malformed or does not match."""
 
 
 # ---- pure helpers -----------------------------------------------------------

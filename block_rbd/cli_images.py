@@ -13,6 +13,8 @@ from . import backup as backup_mod
 from . import images
 from .cli import cli, echo_table
 from .cluster import Cluster
+from .errors import ImageInUse
+from .registry import Registry
 from .target import parse_size, parse_spec
 
 
@@ -92,6 +94,12 @@ def snapshot_rollback_cmd(obj, snapshot):
     """Roll POOL/IMAGE back to SNAP; refused while the image is attached anywhere."""
     spec = _spec(obj, snapshot, snap=True)
     with Cluster(obj.config) as cluster:
+        # Registrations catch attachments that hold no watch (e.g. a stale or
+        # read-only mapping elsewhere); watchers catch clients outside block-rbd.
+        regs, _watchers, _owners = Registry(obj.config).states(cluster, spec.head())
+        if regs:
+            raise ImageInUse("%s is attached (%s): detach it before rolling back"
+                                    % (spec.head(), ", ".join(sorted(r.key for r in regs))))
         images.rollback(cluster, spec)
     click.echo("rolled %s back to %s" % (spec.head(), spec.snap))
 

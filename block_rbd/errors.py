@@ -69,3 +69,15 @@ class LockTimeout(BlockRbdError):
 
 class HotplugTimeout(BlockRbdError):
     """The hotplug run used up its time budget."""
+
+
+class ImageInUse(BlockRbdError):
+    """The image is attached somewhere and the operation would pull data from under it."""
+
+
+class CloneConflict(ClusterError):
+    """An image of the clone's name exists and is not a clone of the golden snapshot."""
+
+
+class BackupError(BlockRbdError):
+    """A backup or restore file is missing, malformed or does not match."""

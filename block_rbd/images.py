@@ -8,7 +8,7 @@ import logging
 import time
 
 from .cluster import _bindings, translate
-from .errors import BlockRbdError, ClusterError, ImageNotFound
+from .errors import BlockRbdError, ClusterError, CloneConflict, ImageInUse, ImageNotFound
 from .target import ImageSpec
 
 log = logging.getLogger("block-rbd")
@@ -17,14 +17,6 @@ log = logging.getLogger("block-rbd")
 # parent link: librbd creates the child's header first and links it after.
 CLONE_SETTLE = 5.0
 SETTLE_STEP = 0.1
-
-
-class ImageInUse(BlockRbdError):
-    """The image is attached somewhere and the operation would pull data from under it."""
-
-
-class CloneConflict(ClusterError):
-    """An image of the clone's name exists and is not a clone of the golden snapshot."""
 
 
 # ---- pure helpers ---------------------------------------------------------------

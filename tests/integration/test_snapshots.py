@@ -2,7 +2,7 @@
 
 import json
 
-from images_helpers import MiB, block_rbd_cli, image_bytes, snaps_of, write_pattern
+from images_helpers import MiB, block_rbd_cli, cluster_for, image_bytes, snaps_of, write_pattern
 
 
 def test_snapshot_create_list_remove(config_path, rbd_admin, make_image):
@@ -47,6 +47,29 @@ def test_snapshot_of_attached_image_and_rollback_refused_while_attached(
     done = block_rbd_cli("snapshot", "rollback", "rbd/%s@s1" % name)
     assert done.exit_code == 0, done.output
     assert image_bytes(ioctx, name)[:60] == b"before" * 10
+
+
+def test_rollback_refused_while_registered_without_a_watcher(config_path, rbd_admin, make_image):
+    """A registration counts even when no client watches (a pending or stale attachment)."""
+    from block_rbd import config
+    from block_rbd.registry import Registry
+    from block_rbd.target import parse_spec
+    name = make_image(size=16 * MiB)
+    assert block_rbd_cli("snapshot", "create", "rbd/%s@s1" % name).exit_code == 0
+    cfg = config.load(config_path)
+    spec = parse_spec("rbd/" + name)
+    registry = Registry(cfg)
+    holder = "backend/vbd/9/51712"
+    with cluster_for(config_path) as cluster:
+        registry.acquire(cluster, spec, "r", holder, {"vm": "vm-9", "domid": "9", "devid": "51712"})
+    try:
+        refused = block_rbd_cli("snapshot", "rollback", "rbd/%s@s1" % name)
+        assert refused.exit_code == 1
+        assert "testhost:" + holder in refused.output and "detach it before rolling back" in refused.output
+    finally:
+        with cluster_for(config_path) as cluster:
+            registry.release(cluster, spec, holder)
+    assert block_rbd_cli("snapshot", "rollback", "rbd/%s@s1" % name).exit_code == 0
 
 
 def test_clone_flatten_and_remove_protected_snapshot(config_path, rbd_admin, make_image):
