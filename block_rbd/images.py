@@ -109,7 +109,8 @@ def clone(cluster, golden, child, size=None):
     """
     rados, rbd = _bindings()
     child = child.head()
-    check_clone_size(size, golden_size(cluster, golden), golden)
+    if size is not None:
+        check_clone_size(size, golden_size(cluster, golden), golden)
     what = "cloning %s from %s" % (child, golden)
     try:
         try:
@@ -123,6 +124,9 @@ def clone(cluster, golden, child, size=None):
     except rbd.ImageExists:
         wait_for_same_parent(cluster, child, golden)
         outcome = "raced"
+    except (rados.ObjectNotFound, rbd.ImageNotFound):
+        golden_size(cluster, golden)  # names the missing golden image or snapshot
+        raise ImageNotFound("%s: golden snapshot %s not found" % (what, golden)) from None
     except (rados.Error, rbd.Error) as exc:
         raise translate(exc, what) from None
     if size is not None:
@@ -178,9 +182,11 @@ def ensure_clone(cluster, target):
     An existing image is used as it is (a VM's second boot, or a flattened
     clone): only a fresh clone is grown to size=.
     """
-    if exists(cluster, target.spec):
+    try:
+        cluster.check_image(target.spec.head())  # one stat, not an image open
         return "exists"
-    return clone(cluster, target.clone, target.spec, target.size)
+    except ImageNotFound:
+        return clone(cluster, target.clone, target.spec, target.size)
 
 
 # ---- snapshots ------------------------------------------------------------------
