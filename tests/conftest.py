@@ -58,8 +58,12 @@ class RealXenstore:
     """The xenstored double's test interface over the real tools (dom0).  Whatever a test
     created under /local/domain (or at the top level) is removed afterwards."""
 
+    _session_paths = None  # dom0's tree before the first test: cleanup restores to it
+
     def __init__(self):
-        self.before = self._paths()
+        if RealXenstore._session_paths is None:
+            RealXenstore._session_paths = self._paths()
+        self.before = RealXenstore._session_paths
 
     @staticmethod
     def _tool(*argv):
@@ -97,15 +101,15 @@ class RealXenstore:
         return found
 
     def _paths(self):
-        top = self._tool("xenstore-list", "/").stdout.split()
-        local = self._tool("xenstore-ls", "-f", "/local/domain").stdout.splitlines()
-        return set("/" + t for t in top) | set(line.split(" = ", 1)[0] for line in local)
+        lines = self._tool("xenstore-ls", "-f", "/").stdout.splitlines()
+        return set(line.split(" = ", 1)[0] for line in lines)
 
     def cleanup(self):
+        """Remove what is new since the session began (one listing, one xenstore-rm)."""
         new = sorted(self._paths() - self.before)
-        for path in new:
-            if not any(path.startswith(done + "/") for done in new if done != path):
-                self.rm(path)
+        roots = [p for p in new if not any(p.startswith(q + "/") for q in new if q != p)]
+        if roots:
+            self._tool("xenstore-rm", *roots)
 
 
 @pytest.fixture(scope="session")
