@@ -46,33 +46,36 @@ WORKERS = 8
 QEMU_IMG_BASE = 60
 QEMU_IMG_PER_GIB = 60
 
+# Start writeback after this many bytes written, so the final fsync finds
+# little dirty data (measured: 1 GiB written + fsync 0.35 s instead of 0.6-2.2 s).
+WRITEBACK = 16 << 20
+
 _ZERO = bytes(CHUNK)
-# Refine object-map extents per object (measured: 0.64x vs 0.87x of rbd export at 5 %).
-REFINE = True
 
 
 # ---- pure helpers -----------------------------------------------------------
 
 def is_zero(data):
-    return data == _ZERO[:len(data)] if len(data) <= CHUNK else not any(data)
+    # startswith compares in place (memcmp); slicing _ZERO would copy it first.
+    return _ZERO.startswith(data) if len(data) <= CHUNK else not any(data)
 
 
 def nonzero_runs(data, block=BLOCK):
-    """[(start, end)] of the runs of `block`-sized pieces of data holding a non-zero byte."""
-    if is_zero(data):
-        return []
+    """[(start, end)] of the runs of `block`-sized pieces of data (bytes) holding a non-zero byte."""
+    zero = _ZERO[:block]
     runs = []
-    view = memoryview(data)
     start = None
-    for pos in range(0, len(data), block):
-        zero = is_zero(view[pos:pos + block])
-        if not zero and start is None:
+    size = len(data)
+    for pos in range(0, size, block):
+        # In place: a slice and compare per block cost 5 ms per 4 MiB, this 0.2 ms.
+        if data.startswith(zero if pos + block <= size else zero[:size - pos], pos):
+            if start is not None:
+                runs.append((start, pos))
+                start = None
+        elif start is None:
             start = pos
-        elif zero and start is not None:
-            runs.append((start, pos))
-            start = None
     if start is not None:
-        runs.append((start, len(data)))
+        runs.append((start, size))
     return runs
 
 
@@ -245,10 +248,13 @@ def allocated(image, from_snap=None):
     whole = fast_diff_usable(image.features(), image.flags(), rbd)
     image.diff_iterate(0, image.size(), from_snap, lambda o, n, e: extents.append((o, n, e)),
                        include_parent=True, whole_object=whole)
-    if not whole or not REFINE:
+    if not whole or not from_snap:
         return extents
-    # The object map names whole objects; asking each changed object for its
-    # written range (one list-snaps op) saves reading its untouched tail.
+    # The object map names whole objects; an increment asks each changed
+    # object for its changed ranges (one list-snaps op), or unchanged data
+    # would go into the diff.  A full backup reads whole objects: librbd's
+    # sparse reads do not send the unwritten parts (measured: as fast as
+    # refining, without one round trip per object).
     refined = []
     for offset, length, exists in extents:
         if not exists:
@@ -296,8 +302,11 @@ def _wrap(exc, what):
     return exc
 
 
-def write_raw(cluster, spec, path, progress=None):
-    """Write the snapshot as a sparse RAW file at path; returns {size, extents, written}."""
+def write_raw(cluster, spec, path, progress=None, durable=True):
+    """Write the snapshot as a sparse RAW file at path; returns {size, extents, written}.
+
+    durable=False: no fsync, and the data stays in the page cache (for qemu-img to read).
+    """
     progress = progress or Progress()
     with _open_snap(cluster, spec) as image:
         try:
@@ -305,6 +314,7 @@ def write_raw(cluster, spec, path, progress=None):
             extents = merge((o, n) for o, n, e in allocated(image) if e)
             progress.start(sum(n for _o, n in extents))
             written = 0
+            synced = unsynced = 0  # start of the range not yet sent to writeback; its bytes
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             try:
                 os.ftruncate(fd, size)
@@ -312,8 +322,15 @@ def write_raw(cluster, spec, path, progress=None):
                     for start, end in nonzero_runs(data):
                         os.pwrite(fd, memoryview(data)[start:end], offset + start)
                         written += end - start
+                        unsynced += end - start
+                    if durable and unsynced >= WRITEBACK:
+                        # DONTNEED starts writeback of the dirty pages now (and keeps
+                        # the backup out of the page cache).
+                        os.posix_fadvise(fd, synced, offset + len(data) - synced, os.POSIX_FADV_DONTNEED)
+                        synced, unsynced = offset + len(data), 0
                     progress.step(len(data))
-                os.fsync(fd)
+                if durable:
+                    os.fsync(fd)
             finally:
                 os.close(fd)
         except Exception as exc:
@@ -474,7 +491,7 @@ def backup(cluster, spec, dest, fmt="raw", since=None, verify=False, progress=No
                 verify_raw(cluster, spec, partial, stats["extents"])
             os.rename(partial, dest)
         else:
-            stats = write_raw(cluster, spec, partial, progress)
+            stats = write_raw(cluster, spec, partial, progress, durable=False)
             if verify:
                 verify_raw(cluster, spec, partial, stats["extents"])
             qcow = partial + ".qcow2"

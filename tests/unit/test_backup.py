@@ -2,6 +2,7 @@
 
 import io
 import os
+import random
 import struct
 
 import pytest
@@ -25,6 +26,32 @@ def test_nonzero_runs():
 def test_nonzero_runs_partial_last_block():
     data = bytes(B) + b"\x01" * 10
     assert backup.nonzero_runs(data) == [(B, B + 10)]
+
+
+def reference_runs(data):
+    """nonzero_runs the plain way: block by block."""
+    runs = []
+    for pos in range(0, len(data), B):
+        if any(data[pos:pos + B]):
+            if runs and runs[-1][1] == pos:
+                runs[-1] = (runs[-1][0], min(pos + B, len(data)))
+            else:
+                runs.append((pos, min(pos + B, len(data))))
+    return runs
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_nonzero_runs_matches_block_by_block(seed):
+    rnd = random.Random(seed)
+    size = rnd.choice([0, 1, B - 1, B, 3 * B + 10, 70 * B, 300 * B + rnd.randrange(B)])
+    data = bytearray(size)
+    for _ in range(rnd.randrange(8)):  # data and zeros, at any offset and length
+        start, length = rnd.randrange(size + 1), rnd.choice([1, B // 2, B, B + 1, 2 * B - 1, 5 * B, 80 * B])
+        length = min(length, size - start)
+        data[start:start + length] = rnd.choice([rnd.randbytes(length), b"\x01" * length, bytes(length)])
+    assert len(data) == size
+    data = bytes(data)
+    assert backup.nonzero_runs(data) == reference_runs(data)
 
 
 def test_zero_gaps_complement():
