@@ -43,9 +43,20 @@ def gate(tmp_path_factory):
     import harness
     workdir = os.environ.get("BLOCK_RBD_XEN_KEEP") or str(tmp_path_factory.mktemp("xen-gate"))
     started = time.time()
-    summary = harness.run_program(GATE, use_cluster=True, timeout=TIMEOUT, keep=workdir)
+    try:
+        summary = harness.run_program(GATE, use_cluster=True, timeout=TIMEOUT, keep=workdir)
+    except SystemExit as exc:  # SIGTERM: the harness tore everything down; stop, don't reboot
+        pytest.exit("Xen gate terminated (%s)" % exc, returncode=2)
+    except Exception as exc:
+        # pytest would run a failed session fixture again for the next test: one boot only
+        summary = {"error": "%s: %s" % (type(exc).__name__, exc)}
     summary["wall"] = round(time.time() - started, 1)
     return summary
+
+
+def _check_ran(gate):
+    if "error" in gate:
+        pytest.fail("the Xen harness failed: %s" % gate["error"])
 
 
 def _timings(summary):
@@ -70,6 +81,7 @@ def _bench(summary):
 
 def test_vm_ran_to_the_end(gate):
     """dom0 finished its program and the result archive came back intact."""
+    _check_ran(gate)
     assert gate["qemu_rc"] == 0, "QEMU: %s (serial log %s)" % (gate["qemu_rc"], gate["serial"])
     assert not gate["boot_fail"], gate["boot_fail"]
     assert gate["done"] and gate["archive_ok"], "no intact result archive (see %s)" % gate["serial"]
@@ -77,6 +89,7 @@ def test_vm_ran_to_the_end(gate):
 
 @pytest.mark.parametrize("name", SCENARIOS)
 def test_scenario(gate, name):
+    _check_ran(gate)
     found = [r for r in gate["results"] if r["name"] == name]
     assert found, "scenario %s did not report (serial log %s)" % (name, gate["serial"])
     result = found[-1]
@@ -88,6 +101,7 @@ def test_scenario(gate, name):
 
 def test_report(gate, capsys):
     """Not a check: prints the wall times and per-scenario timings."""
+    _check_ran(gate)
     lines = ["", "Xen gate: wall %.1f s (build %s s, cluster %s s, prepare %s s, QEMU %s s, verify %s s)"
              % (gate["wall"], *(gate["timings"].get(k) for k in ("build", "cluster", "prepare", "qemu",
                                                                   "verify"))),
