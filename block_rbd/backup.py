@@ -385,6 +385,14 @@ def qemu_img_timeout(size):
     return QEMU_IMG_BASE + QEMU_IMG_PER_GIB * (size / (1 << 30))
 
 
+def _fsync_file(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def to_qcow2(raw, dest, size, verify=False):
     """qemu-img convert of the sparse RAW (zero clusters stay unallocated)."""
     timeout = qemu_img_timeout(size)
@@ -497,10 +505,12 @@ def backup(cluster, spec, dest, fmt="raw", since=None, verify=False, progress=No
             qcow = partial + ".qcow2"
             try:
                 to_qcow2(partial, qcow, stats["size"], verify)
+                _fsync_file(qcow)  # qemu-img leaves its output in the page cache
                 os.rename(qcow, dest)
             finally:
                 if os.path.exists(qcow):
                     os.unlink(qcow)
+        _fsync_file(directory)  # the new name must survive a crash too
     finally:
         if os.path.exists(partial):
             os.unlink(partial)
