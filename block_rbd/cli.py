@@ -12,11 +12,12 @@ import sys
 
 import click
 
-from . import attachments, mappers
+from . import attachments, cli_access, cli_images, mappers
 from . import config as config_mod
 from . import log as log_mod
 from . import process
 from .cluster import Cluster
+from .console import echo_table
 from .errors import BlockRbdError
 from .registry import Registry
 from .target import parse, parse_spec
@@ -126,13 +127,6 @@ def unmap_cmd(obj, what):
                                                             Registry(config))))
 
 
-def echo_table(table):
-    """Print rows (the first is the header) in aligned columns."""
-    widths = [max(len(str(row[i])) for row in table) for i in range(len(table[0]))]
-    for row in table:
-        click.echo("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip())
-
-
 def mapped_rows(config):
     """This host's mappings: what the mappers see, joined with block-rbd's records."""
     records = {(r["image"], r["read_only"]): r for r in attachments.local_state(config).records()}
@@ -194,7 +188,12 @@ def doctor_cmd(obj):
         sys.exit(1)
 
 
+# Commands kept in modules of their own, by theme.
+for _command in (cli_access.locks_cmd, cli_access.break_lock_cmd, cli_images.snapshot_group,
+                 cli_images.clone_cmd, cli_images.flatten_cmd, cli_images.backup_cmd,
+                 cli_images.restore_cmd):
+    cli.add_command(_command)
+
+
 def main():
-    from . import cli_access  # noqa: F401
-    from . import cli_images  # noqa: F401
     cli(prog_name="block-rbd")

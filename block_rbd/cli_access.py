@@ -5,13 +5,13 @@ import time
 
 import click
 
-from .cli import cli, echo_table
+from .console import echo_table
 from .cluster import Cluster
 from .registry import Registry
 from .target import parse
 
 
-@cli.command("locks")
+@click.command("locks")
 @click.argument("target")
 @click.option("--format", "fmt", type=click.Choice(["plain", "json"]), default="plain")
 @click.pass_obj
@@ -42,7 +42,7 @@ def locks_cmd(obj, target, fmt):
         click.echo("watchers outside block-rbd: %s" % ", ".join(outside))
 
 
-@cli.command("break-lock")
+@click.command("break-lock")
 @click.argument("target")
 @click.argument("holder")
 @click.option("--no-blocklist", is_flag=True,

@@ -11,7 +11,7 @@ import click
 
 from . import backup as backup_mod
 from . import images
-from .cli import cli, echo_table
+from .console import echo_table
 from .cluster import Cluster
 from .errors import ImageInUse
 from .registry import Registry
@@ -42,7 +42,7 @@ def _progress(label):
     return bar, callback
 
 
-@cli.group("snapshot")
+@click.group("snapshot")
 def snapshot_group():
     """Create, list, remove and roll back snapshots (stay inside the cluster)."""
 
@@ -104,7 +104,7 @@ def snapshot_rollback_cmd(obj, snapshot):
     click.echo("rolled %s back to %s" % (spec.head(), spec.snap))
 
 
-@cli.command("clone")
+@click.command("clone")
 @click.argument("golden")
 @click.argument("image")
 @click.option("--size", default=None, help="Grow the clone to this size (e.g. 20G).")
@@ -118,7 +118,7 @@ def clone_cmd(obj, golden, image, size):
     click.echo("%s %s from %s" % ("cloned" if outcome == "created" else "already cloned", spec, golden_spec))
 
 
-@cli.command("flatten")
+@click.command("flatten")
 @click.argument("image")
 @click.pass_obj
 def flatten_cmd(obj, image):
@@ -129,7 +129,7 @@ def flatten_cmd(obj, image):
     click.echo("flattened %s" % spec)
 
 
-@cli.command("backup")
+@click.command("backup")
 @click.argument("source")
 @click.argument("dest", type=click.Path(dir_okay=False))
 @click.option("--format", "fmt", type=click.Choice(["raw", "qcow2"]), default="raw", show_default=True)
@@ -152,7 +152,7 @@ def backup_cmd(obj, source, dest, fmt, since, verify):
         dest, stats["written"], stats["size"], ", verified" if verify else ""))
 
 
-@cli.command("restore")
+@click.command("restore")
 @click.argument("full", type=click.Path(exists=True, dir_okay=False))
 @click.argument("image")
 @click.option("--increment", "increments", multiple=True, type=click.Path(exists=True, dir_okay=False),

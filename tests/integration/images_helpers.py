@@ -9,8 +9,7 @@ MiB = 1 << 20
 
 
 def block_rbd_cli(*args):
-    """Run `block-rbd ARGS` in-process, as cli.main() would (with the image commands)."""
-    from block_rbd import cli_images  # noqa: F401  (registers the commands)
+    """Run `block-rbd ARGS` in-process, as cli.main() would."""
     from block_rbd.cli import cli
     return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
 
