@@ -74,7 +74,11 @@ for name, off, length in json.loads(job):
         with rbd.Image(io, name, read_only=True) as im:
             data = im.read(off, length)
             watchers = len(list(im.watchers_list())) if hasattr(im, "watchers_list") else -1
-        out["%s@%d" % (name, off)] = [hashlib.md5(data).hexdigest(), data[:64].hex(), watchers]
+            with rados.ReadOpCtx() as op:  # block-rbd's cluster-wide registrations
+                items, _ret = io.get_omap_vals(op, "", "block-rbd.access.", 1000)
+                io.operate_read_op(op, "rbd_header." + im.id())
+                regs = [k for k, _v in items]
+        out["%s@%d" % (name, off)] = [hashlib.md5(data).hexdigest(), data[:64].hex(), watchers, regs]
     except rbd.ImageNotFound:
         out["%s@%d" % (name, off)] = None
 print(json.dumps(out))
@@ -240,5 +244,7 @@ def verify(ctx, parsed):
     ctx.mark(parsed, "pv-guest-4disks", not bad,
              "the guest's 4 writes are in Ceph" if not bad else "missing guest writes: " + ", ".join(bad))
     busy = sorted(k for k, v in got.items() if v and v[2] > 0)
-    ctx.mark(parsed, "nothing-left-mapped", not busy,
-             "no watchers left on the gate's images" if not busy else "watchers on: " + ", ".join(busy))
+    regs = sorted("%s: %s" % (k, " ".join(v[3])) for k, v in got.items() if v and v[3])
+    ctx.mark(parsed, "nothing-left-mapped", not busy and not regs,
+             "no watcher and no block-rbd registration left on the gate's images"
+             if not busy and not regs else "watchers on: %s; registrations: %s" % (busy, regs))
