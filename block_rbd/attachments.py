@@ -11,9 +11,13 @@ import time
 from . import mappers
 from .errors import BlockRbdError, FeaturesUnsupported
 from .state import LocalState, new_record
+from .target import parse_spec
 from .target import read_only as is_read_only
 
 log = logging.getLogger("block-rbd")
+
+# The holder name of `block-rbd map` (libxl's holders are backend paths).
+MANUAL = "manual"
 
 
 def local_state(config):
@@ -138,3 +142,30 @@ def detach(config, cluster, spec, read_only, holder, registry=None):
 def holders_of(config, spec, read_only):
     record = local_state(config).load(spec, read_only)
     return dict(record["holders"]) if record else {}
+
+
+def host_mappings(config):
+    """This host's mappings: what the mappers see, joined with block-rbd's records."""
+    records = {(r["image"], r["read_only"]): r for r in local_state(config).records()}
+    rows = []
+    for name in mappers.AUTO_ORDER:
+        mapper = mappers.get(name, config)
+        if mapper.unavailable():
+            continue
+        for mapping in mapper.mapped():
+            record = records.pop((str(mapping.spec), mapping.read_only), None)
+            rows.append(_row(mapping.spec, mapping.read_only, name, mapping.device, record))
+    for (image, ro), record in sorted(records.items()):
+        rows.append(_row(parse_spec(image), ro, record["mapper"], None, record))
+    return rows
+
+
+def _row(spec, ro, mapper, device, record):
+    holders = record["holders"] if record else {}
+    return {
+        "image": str(spec.head()), "snap": spec.snap, "mode": "ro" if ro else "rw",
+        "mapper": mapper, "device": device,
+        "backends": sorted(h for h in holders if h != MANUAL),
+        "manual": MANUAL in holders,
+        "managed": record is not None,
+    }

@@ -12,7 +12,7 @@ import sys
 
 import click
 
-from . import attachments, cli_access, cli_images, mappers
+from . import attachments, cli_access, cli_images
 from . import config as config_mod
 from . import log as log_mod
 from . import process
@@ -23,7 +23,7 @@ from .registry import Registry
 from .target import parse, parse_spec
 
 log = logging.getLogger("block-rbd")
-MANUAL = "manual"
+MANUAL = attachments.MANUAL
 
 
 class Context:
@@ -127,39 +127,12 @@ def unmap_cmd(obj, what):
                                                             Registry(config))))
 
 
-def mapped_rows(config):
-    """This host's mappings: what the mappers see, joined with block-rbd's records."""
-    records = {(r["image"], r["read_only"]): r for r in attachments.local_state(config).records()}
-    rows = []
-    for name in mappers.AUTO_ORDER:
-        mapper = mappers.get(name, config)
-        if mapper.unavailable():
-            continue
-        for mapping in mapper.mapped():
-            record = records.pop((str(mapping.spec), mapping.read_only), None)
-            rows.append(_row(mapping.spec, mapping.read_only, name, mapping.device, record))
-    for (image, ro), record in sorted(records.items()):
-        rows.append(_row(parse_spec(image), ro, record["mapper"], None, record))
-    return rows
-
-
-def _row(spec, ro, mapper, device, record):
-    holders = record["holders"] if record else {}
-    return {
-        "image": str(spec.head()), "snap": spec.snap, "mode": "ro" if ro else "rw",
-        "mapper": mapper, "device": device,
-        "backends": sorted(h for h in holders if h != MANUAL),
-        "manual": MANUAL in holders,
-        "managed": record is not None,
-    }
-
-
 @cli.command("showmapped")
 @click.option("--format", "fmt", type=click.Choice(["plain", "json"]), default="plain")
 @click.pass_obj
 def showmapped_cmd(obj, fmt):
     """List this host's RBD mappings and the Xen backends using them."""
-    rows = mapped_rows(obj.config)
+    rows = attachments.host_mappings(obj.config)
     if fmt == "json":
         click.echo(json.dumps(rows, indent=2))
         return
@@ -189,7 +162,8 @@ def doctor_cmd(obj):
 
 
 # Commands kept in modules of their own, by theme.
-for _command in (cli_access.locks_cmd, cli_access.break_lock_cmd, cli_images.snapshot_group,
+for _command in (cli_access.status_cmd, cli_access.locks_cmd, cli_access.break_lock_cmd,
+                 cli_images.snapshot_group,
                  cli_images.clone_cmd, cli_images.flatten_cmd, cli_images.backup_cmd,
                  cli_images.restore_cmd):
     cli.add_command(_command)

@@ -5,6 +5,7 @@ import time
 
 import click
 
+from . import attachments, images
 from .console import echo_table
 from .cluster import Cluster
 from .registry import Registry
@@ -28,18 +29,48 @@ def locks_cmd(obj, target, fmt):
             "registrations": [dict(r.as_record(), key=r.key, state=r.state, identity=r.identity)
                               for r in regs]}, indent=2))
         return
+    _echo_registrations(spec, regs, watchers)
+
+
+def _echo_registrations(spec, regs, watchers):
     if not regs:
         click.echo("%s: no block-rbd attachments" % spec)
-    header = ("HOLDER", "MODE", "VM", "DOMID", "DEVID", "CLIENT", "SINCE", "STATE")
-    table = [header] + [
-        (r.key, r.mode, r.identity, r.domid or "-", r.devid or "-", r.client or "-",
-         time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(r.since)), r.state) for r in regs]
-    if regs:
-        echo_table(table)
-    known = {r.client for r in regs}
-    outside = sorted(set(watchers) - known)
+    else:
+        echo_table([("HOLDER", "MODE", "VM", "DOMID", "DEVID", "CLIENT", "SINCE", "STATE")] + [
+            (r.key, r.mode, r.identity, r.domid or "-", r.devid or "-", r.client or "-",
+             time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(r.since)), r.state) for r in regs])
+    outside = sorted(set(watchers) - {r.client for r in regs})
     if outside:
         click.echo("watchers outside block-rbd: %s" % ", ".join(outside))
+
+
+@click.command("status")
+@click.argument("target")
+@click.option("--format", "fmt", type=click.Choice(["plain", "json"]), default="plain")
+@click.pass_obj
+def status_cmd(obj, target, fmt):
+    """What TARGET is and who uses it: the image, its attachments anywhere, its mappings here."""
+    config = obj.config
+    spec = parse(target, config["pool"]).spec.head()
+    with Cluster(config) as cluster:
+        info = images.describe(cluster, spec)
+        regs, watchers, _owners = Registry(config).states(cluster, spec)
+    regs = sorted(regs, key=lambda r: (r.since, r.key))
+    here = [row for row in attachments.host_mappings(config) if row["image"] == str(spec)]
+    if fmt == "json":
+        click.echo(json.dumps({
+            "image": info, "watchers": sorted(watchers), "mapped_here": here,
+            "registrations": [dict(r.as_record(), key=r.key, state=r.state, identity=r.identity)
+                              for r in regs]}, indent=2))
+        return
+    click.echo("%s: %d MiB, features %s, parent %s, %d snapshot(s)%s" % (
+        spec, info["size"] >> 20, ",".join(info["features"]) or "-", info["parent"] or "-",
+        len(info["snapshots"]), ": " + ", ".join(info["snapshots"]) if info["snapshots"] else ""))
+    _echo_registrations(spec, regs, watchers)
+    for row in here:
+        click.echo("mapped on this host: %s %s via %s, used by %s" % (
+            row["device"] or "(missing)", row["mode"], row["mapper"],
+            ", ".join(row["backends"] + (["manual"] if row["manual"] else [])) or "-"))
 
 
 @click.command("break-lock")

@@ -259,6 +259,22 @@ def rollback(cluster, spec):
     _op(cluster, spec, "rolling back %s" % spec, roll)
 
 
+def describe(cluster, spec):
+    """Size, features, parent and snapshots of the image (for `block-rbd status`)."""
+    _rados, rbd = _bindings()
+
+    def facts(image):
+        try:
+            parent = str(parent_spec(image.get_parent_image_spec()))
+        except rbd.ImageNotFound:
+            parent = None
+        features = rbd.RBD().features_to_string(image.features())
+        return {"image": str(spec.head()), "size": image.size(),
+                "features": features.split(",") if features else [], "parent": parent,
+                "snapshots": [snap["name"] for snap in image.list_snaps()]}
+    return _op(cluster, spec, "describing %s" % spec.head(), facts, read_only=True)
+
+
 def flatten(cluster, spec):
     """Copy the parent's data into the clone so it no longer depends on the golden image."""
     _rados, rbd = _bindings()

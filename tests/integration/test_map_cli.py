@@ -151,3 +151,27 @@ def test_errors_are_one_line(config_path, tmp_path, args, fault):
     assert result.stderr.splitlines() == [fault]  # one error, one line
     assert loops_under(tmp_path) == [] and mounts_under(tmp_path) == []
     assert showmapped() == []
+
+
+def test_status_names_the_image_its_attachments_and_the_mapping_here(config_path, make_image):
+    image = make_image(size=8 * MiB)
+    idle = cli("status", "rbd/" + image)
+    assert idle.returncode == 0, idle.stderr
+    assert idle.stdout.splitlines()[0].startswith("rbd/%s: 8 MiB, features " % image)
+    assert "rbd/%s: no block-rbd attachments" % image in idle.stdout
+
+    device = cli("map", "rbd/" + image, "--mode", "r").stdout.strip()
+    try:
+        status = json.loads(cli("status", image, "--format", "json").stdout)
+        assert status["image"]["size"] == 8 * MiB and "layering" in status["image"]["features"]
+        assert status["image"]["parent"] is None and status["image"]["snapshots"] == []
+        [reg] = status["registrations"]
+        assert (reg["key"], reg["mode"], reg["state"]) == ("testhost:manual", "r", "alive")
+        assert reg["client"] in status["watchers"]
+        assert [(m["device"], m["mode"], m["manual"]) for m in status["mapped_here"]] == [(device, "ro", True)]
+        plain = cli("status", "rbd:" + image).stdout
+        assert "testhost:manual" in plain and "mapped on this host: %s ro via fuse, used by manual" % device in plain
+    finally:
+        assert cli("unmap", device).returncode == 0
+    missing = cli("status", "rbd/no-such-image")
+    assert missing.returncode == 1 and missing.stderr.strip().endswith("does not exist")
