@@ -35,8 +35,9 @@ def attach(config, cluster, target, mode, holder, info, registry=None):
     if target.clone:
         # clone= : create the image from the golden snapshot on first attach.
         from . import images
-        images.ensure_clone(cluster, target)
-    cluster.check_image(spec)
+        images.ensure_clone(cluster, target)  # the head now exists: checked or created
+    if not target.clone or spec.snap:
+        cluster.check_image(spec)
     state = local_state(config)
     with state.lock(spec):
         record = state.load(spec, read_only) or new_record(spec, read_only)

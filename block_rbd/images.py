@@ -57,8 +57,8 @@ def need_snap(spec, what):
 def exists(cluster, spec):
     """Whether the image (head) exists; a missing pool is still an error."""
     try:
-        with cluster.image(spec.head()):
-            return True
+        cluster.check_image(spec.head())  # one stat, not an image open
+        return True
     except ImageNotFound:
         with cluster.ioctx(spec.pool, spec.namespace):
             pass  # raises "pool X does not exist" when it is the pool that is missing
