@@ -27,7 +27,7 @@ import tempfile
 import uuid
 
 from . import process
-from .cluster import _bindings, translate
+from .cluster import bindings, translate
 from .errors import BackupError, BlockRbdError, ImageNotFound
 from .target import ImageSpec
 
@@ -243,7 +243,7 @@ def _parallel(fn, items, workers=WORKERS):
 
 def allocated(image, from_snap=None):
     """Extents to back up: [(offset, length, exists)], whole objects when fast-diff answers."""
-    _rados, rbd = _bindings()
+    _rados, rbd = bindings()
     extents = []
     whole = fast_diff_usable(image.features(), image.flags(), rbd)
     image.diff_iterate(0, image.size(), from_snap, lambda o, n, e: extents.append((o, n, e)),
@@ -296,7 +296,7 @@ def _open_snap(cluster, spec):
 
 
 def _wrap(exc, what):
-    rados, rbd = _bindings()
+    rados, rbd = bindings()
     if isinstance(exc, (rados.Error, rbd.Error)):
         return translate(exc, what)
     return exc
@@ -565,7 +565,7 @@ def restore(cluster, full, spec, increments=(), progress=None):
     `rbd import-diff` does, so the image can take further increments.  A
     failed restore removes the image it created.
     """
-    rados, rbd = _bindings()
+    rados, rbd = bindings()
     progress = progress or Progress()
     spec = spec.head()
     kind = file_format(full)
@@ -650,7 +650,7 @@ def apply_diff(image, path, progress):
 
 
 def _remove_quietly(cluster, spec):
-    _rados, rbd = _bindings()
+    _rados, rbd = bindings()
     try:
         with cluster.ioctx(spec.pool, spec.namespace) as ioctx:
             with rbd.Image(ioctx, spec.image) as image:

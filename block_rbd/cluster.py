@@ -15,7 +15,12 @@ from .errors import ClusterError, ImageNotFound
 log = logging.getLogger("block-rbd")
 
 
-def _bindings():
+def bindings():
+    """(rados, rbd): the one place block-rbd imports Ceph's bindings.
+
+    Imported on first use, so paths that never reach the cluster (a
+    `remove` with nothing mapped here) do not pay for them.
+    """
     try:
         import rados
         import rbd
@@ -27,7 +32,7 @@ def _bindings():
 
 def translate(exc, what):
     """A librados/librbd exception as a one-line ClusterError naming `what`."""
-    rados, rbd = _bindings()
+    rados, rbd = bindings()
     code = getattr(exc, "errno", None)
     if isinstance(exc, (rados.ObjectNotFound, rbd.ImageNotFound)) or code == errno.ENOENT:
         return ImageNotFound("%s does not exist" % what)
@@ -70,7 +75,7 @@ class Cluster:
         return self._rados
 
     def _connect(self):
-        rados, _rbd = _bindings()
+        rados, _rbd = bindings()
         cfg = self.config
         conf = {
             "keyring": cfg.keyring,
@@ -107,7 +112,7 @@ class Cluster:
 
     @contextlib.contextmanager
     def ioctx(self, pool, namespace=""):
-        rados, _rbd = _bindings()
+        rados, _rbd = bindings()
         try:
             ioctx = self.rados.open_ioctx(pool)
         except rados.Error as exc:
@@ -122,7 +127,7 @@ class Cluster:
     @contextlib.contextmanager
     def image(self, spec, read_only=True):
         """Open the image (at spec.snap if set)."""
-        rados, rbd = _bindings()
+        rados, rbd = bindings()
         with self.ioctx(spec.pool, spec.namespace) as ioctx:
             try:
                 image = rbd.Image(ioctx, spec.image, snapshot=spec.snap, read_only=read_only)
@@ -142,7 +147,7 @@ class Cluster:
         if spec.snap:
             with self.image(spec):
                 return
-        rados, _rbd = _bindings()
+        rados, _rbd = bindings()
         with self.ioctx(spec.pool, spec.namespace) as ioctx:
             for name in ("rbd_id." + spec.image, spec.image + ".rbd"):  # format 2, format 1
                 try:

@@ -10,7 +10,7 @@ import shutil
 import stat
 
 from . import mappers
-from .cluster import Cluster, keyring_secret, translate
+from .cluster import Cluster, bindings, keyring_secret, translate
 from .errors import BlockRbdError
 from .mappers.krbd import uses_msgr2
 
@@ -36,7 +36,7 @@ def check_credentials(config):
 
 
 def check_cluster(config, cluster):
-    import rados
+    rados, _rbd = bindings()
     pool = config["pool"]
     try:
         fsid = cluster.fsid()

@@ -7,7 +7,7 @@ connection, and every call is bounded by the connection's op timeouts.
 import logging
 import time
 
-from .cluster import _bindings, translate
+from .cluster import bindings, translate
 from .errors import BlockRbdError, ClusterError, CloneConflict, ImageInUse, ImageNotFound
 from .target import ImageSpec
 
@@ -78,7 +78,7 @@ def golden_size(cluster, golden):
 
 def protect(cluster, snap):
     """Protect snap (clone v1 needs it); a concurrent protect by another host is success."""
-    _rados, rbd = _bindings()
+    _rados, rbd = bindings()
     with cluster.image(snap.head(), read_only=False) as image:
         if image.is_protected_snap(snap.snap):
             return
@@ -93,7 +93,7 @@ def protect(cluster, snap):
 
 
 def _clone_call(cluster, golden, child):
-    rados, rbd = _bindings()
+    rados, rbd = bindings()
     with cluster.ioctx(golden.pool, golden.namespace) as pio, \
             cluster.ioctx(child.pool, child.namespace) as cio:
         rbd.RBD().clone(pio, golden.image, golden.snap, cio, child.image)
@@ -107,7 +107,7 @@ def clone(cluster, golden, child, size=None):
     (EINVAL), so the snapshot is protected and the clone retried.  Losing a
     race to another host is success when the winner made the same clone.
     """
-    rados, rbd = _bindings()
+    rados, rbd = bindings()
     child = child.head()
     if size is not None:
         check_clone_size(size, golden_size(cluster, golden), golden)
@@ -154,7 +154,7 @@ def wait_for_same_parent(cluster, child, golden, settle=CLONE_SETTLE):
 
 def parent_of(cluster, spec):
     """The image's parent snapshot as an ImageSpec, or None for an image that is no clone."""
-    _rados, rbd = _bindings()
+    _rados, rbd = bindings()
     with cluster.image(spec.head()) as image:
         try:
             return parent_spec(image.get_parent_image_spec())
@@ -166,7 +166,7 @@ def parent_of(cluster, spec):
 
 def grow(cluster, spec, size):
     """Resize spec up to size; never shrinks (that would drop data)."""
-    _rados, rbd = _bindings()
+    _rados, rbd = bindings()
     with cluster.image(spec.head(), read_only=False) as image:
         if image.size() < size:
             try:
@@ -192,7 +192,7 @@ def ensure_clone(cluster, target):
 # ---- snapshots ------------------------------------------------------------------
 
 def _op(cluster, spec, what, fn, read_only=False):
-    rados, rbd = _bindings()
+    rados, rbd = bindings()
     with cluster.image(spec.head(), read_only=read_only) as image:
         try:
             return fn(image)
@@ -202,7 +202,7 @@ def _op(cluster, spec, what, fn, read_only=False):
 
 def snapshot_create(cluster, spec):
     """Snapshot the image; works while it is attached (librbd asks the lock owner)."""
-    _rados, rbd = _bindings()
+    _rados, rbd = bindings()
     need_snap(spec, "snapshot create")
 
     def create(image):
@@ -224,7 +224,7 @@ def snapshot_list(cluster, spec):
 
 def snapshot_remove(cluster, spec):
     """Remove a snapshot, unprotecting it first when no clone depends on it."""
-    _rados, rbd = _bindings()
+    _rados, rbd = bindings()
     need_snap(spec, "snapshot remove")
 
     def remove(image):
@@ -261,7 +261,7 @@ def rollback(cluster, spec):
 
 def describe(cluster, spec):
     """Size, features, parent and snapshots of the image (for `block-rbd status`)."""
-    _rados, rbd = _bindings()
+    _rados, rbd = bindings()
 
     def facts(image):
         try:
@@ -277,7 +277,7 @@ def describe(cluster, spec):
 
 def flatten(cluster, spec):
     """Copy the parent's data into the clone so it no longer depends on the golden image."""
-    _rados, rbd = _bindings()
+    _rados, rbd = bindings()
 
     def flat(image):
         try:

@@ -23,7 +23,7 @@ import time
 import uuid
 
 from . import policy
-from .cluster import _bindings, translate
+from .cluster import bindings, translate
 from .errors import AccessDenied, BlockRbdError, ClusterError, ImageNotFound
 from .policy import Registration
 from .target import read_only as is_read_only
@@ -41,7 +41,7 @@ PENDING_GRACE = 40
 
 def header_object(ioctx, spec):
     """rbd_header.<id> of the image (one read of rbd_id.<name>)."""
-    rados, _rbd = _bindings()
+    rados, _rbd = bindings()
     try:
         raw = ioctx.read("rbd_id." + spec.image, 4096)
     except rados.Error as exc:
@@ -78,7 +78,7 @@ class Registry:
 
     def _records(self, ioctx, header):
         """{omap key: Registration} and the header's version."""
-        rados, _rbd = _bindings()
+        rados, _rbd = bindings()
         with rados.ReadOpCtx() as op:
             items, _ret = ioctx.get_omap_vals(op, "", PREFIX, 1000)
             ioctx.operate_read_op(op, header)
@@ -87,7 +87,7 @@ class Registry:
 
     def _clients(self, ioctx, spec):
         """(watcher addresses, exclusive-lock owner addresses) of the image."""
-        rados, rbd = _bindings()
+        rados, rbd = bindings()
         try:
             with rbd.Image(ioctx, spec.image, read_only=True) as image:
                 watchers = [w["addr"] for w in image.watchers_list()]
@@ -121,7 +121,7 @@ class Registry:
     # ---- the mutex -------------------------------------------------------------
 
     def _lock(self, ioctx, header, cookie, deadline, spec):
-        rados, _rbd = _bindings()
+        rados, _rbd = bindings()
         delay = 0.002
         while True:
             try:
@@ -139,7 +139,7 @@ class Registry:
             delay = min(delay * 2, 0.05)
 
     def _unlock(self, ioctx, header, cookie):
-        rados, _rbd = _bindings()
+        rados, _rbd = bindings()
         try:
             ioctx.unlock(header, MUTEX, cookie)
         except rados.Error as exc:  # expired and taken over: nothing of ours to free
@@ -153,7 +153,7 @@ class Registry:
             return  # snapshots are immutable: nothing to arbitrate
         started = time.monotonic()
         deadline = started + self.timeout
-        rados, _rbd = _bindings()
+        rados, _rbd = bindings()
         reg = Registration(host=self.host, holder=holder, mode=mode, vm=info.get("vm"),
                            domid=_str(info.get("domid")), devid=_str(info.get("devid")), since=time.time())
         ident = reg.identity
@@ -211,7 +211,7 @@ class Registry:
         """Record the mapping's client address (what says it is alive)."""
         if spec.snap:
             return
-        rados, _rbd = _bindings()
+        rados, _rbd = bindings()
         key = policy.holder_key(self.host, holder)
         before = self._before.pop(key, set())
         with cluster.ioctx(spec.pool, spec.namespace) as ioctx:
@@ -260,7 +260,7 @@ class Registry:
         """Delete our own registration; idempotent; the image may be gone."""
         if spec.snap:
             return
-        rados, _rbd = _bindings()
+        rados, _rbd = bindings()
         key = PREFIX + policy.holder_key(self.host, holder)
         self._before.pop(key, None)
         try:
@@ -282,7 +282,7 @@ class Registry:
     # ---- operators ------------------------------------------------------------------
 
     def _blocklist(self, cluster, address):
-        rados, _rbd = _bindings()
+        rados, _rbd = bindings()
         try:
             cluster.rados.blocklist_add(address, 0)
             # As librbd's lock breaker does: our next ops then carry the epoch
@@ -295,7 +295,7 @@ class Registry:
 
     def break_lock(self, cluster, spec, key, blocklist=True):
         """Remove registration `key` (host:holder); blocklist its client first."""
-        rados, _rbd = _bindings()
+        rados, _rbd = bindings()
         with cluster.ioctx(spec.pool, spec.namespace) as ioctx:
             header = header_object(ioctx, spec)
             records, _version = self._records(ioctx, header)
