@@ -8,6 +8,7 @@ lives in one directory, no systemd is involved, and stop() removes it all.
 CLI:
     python3 tools/testcluster.py start DIR [--addr IP]   # prints JSON, daemons stay up
     python3 tools/testcluster.py status DIR
+    python3 tools/testcluster.py restart-mon DIR         # daemons stay up
     python3 tools/testcluster.py stop DIR [--keep]
 
 Python:
@@ -639,6 +640,8 @@ def main(argv=None):
     p.add_argument("--keep", action="store_true", help="keep DIR (logs) after stopping")
     p = sub.add_parser("status", help="print the daemons' pids and the cluster health")
     p.add_argument("dir")
+    p = sub.add_parser("restart-mon", help="stop the mon, start it again, wait until it answers")
+    p.add_argument("dir")
     args = ap.parse_args(argv)
 
     c = TestCluster(args.dir, **({"addr": args.addr} if args.cmd == "start" else {}))
@@ -652,6 +655,10 @@ def main(argv=None):
             print(json.dumps(info, indent=1))
         elif args.cmd == "stop":
             c.stop(keep=args.keep)
+        elif args.cmd == "restart-mon":
+            c.kill_mon()
+            c.start_mon()
+            print(json.dumps({"pids": c.running()}))
         else:
             pids = c.running()
             info = {"dir": c.dir, "pids": pids}
