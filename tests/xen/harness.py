@@ -30,8 +30,10 @@ import shutil
 import signal
 import subprocess
 import sys
+import socket
 import tarfile
 import tempfile
+import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -47,6 +49,9 @@ HOST_ADDR = "10.250.250.1"
 DOM0_ADDR = "10.250.250.2"
 PREFIX = 24
 DOM0_MAC = "52:54:00:fa:fa:02"
+# dom0 asks the host for cluster faults here (one request line, one reply line)
+CONTROL_PORT = 7450
+CLONE_NEWNET = 0x40000000
 
 # CPUs of the QEMU machine (= dom0's vcpus; guests share them).  MTTCG runs one host
 # thread per vcpu; worth it only where dom0 does things in parallel.
@@ -57,6 +62,7 @@ DOM0_ARGS = "console=hvc0 earlyprintk=xen loglevel=4"
 
 RESULT_RE = re.compile(r"BRBD-RESULT (\S+) (PASS|FAIL|SKIP) (\S+) ?(.*)$")
 STAGE_RE = re.compile(r"BRBD-STAGE (\S+) (\S+)")
+BEGIN_RE = re.compile(r"BRBD-SCENARIO-BEGIN (\S+) (\S+)")
 
 
 def log(msg):
@@ -169,12 +175,106 @@ class Cluster:
             log("testcluster stop timed out (namespace teardown kills the rest)")
         self.info = None
 
+    def ctl(self, command, *args, timeout=120):
+        """`tools/testcluster.py COMMAND DIR ARGS` inside the namespace (daemons it starts
+        bind to the bridge address); returns the CompletedProcess."""
+        return run(self.ns.exec_argv(["/usr/bin/python3", self.script, command, self.dir]
+                                     + [str(a) for a in args]),
+                   timeout=timeout, check=False, cwd=REPO)
+
     def admin(self, argv, timeout=120):
         """Run a ceph/rbd admin command against the cluster, inside the namespace."""
         i = self.info
         return run(self.ns.exec_argv(list(argv) + ["-c", i["conf"], "--id", "admin",
                                                    "--keyring", i["admin_keyring"]]),
                    timeout=timeout, check=False)
+
+
+def netns_listen(ns_name, addr, port):
+    """A TCP socket listening on addr:port inside namespace ns_name.
+
+    setns() moves only the calling thread, so a short-lived thread makes the socket;
+    it stays in that namespace whichever thread uses it afterwards.
+    """
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    made = {}
+
+    def make():
+        fd = os.open(f"/run/netns/{ns_name}", os.O_RDONLY)
+        try:
+            if libc.setns(fd, CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), f"setns into {ns_name}")
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((addr, port))
+            sock.listen(8)
+            made["sock"] = sock
+        except OSError as exc:
+            made["error"] = exc
+        finally:
+            os.close(fd)
+
+    t = threading.Thread(target=make)
+    t.start()
+    t.join()
+    if "error" in made:
+        raise made["error"]
+    return made["sock"]
+
+
+class Control:
+    """Host actions dom0 asks for while it runs (`brbd_host ACTION ARGS` in brbd-lib.sh):
+    one line in, host.py's host_action(ctx, action, args) runs, one line back
+    ("ok DETAIL" or "error DETAIL").  Every request is kept for verify and the summary."""
+
+    def __init__(self, ns, hooks, ctx):
+        self.sock = netns_listen(ns.name, HOST_ADDR, CONTROL_PORT)
+        self.hooks = hooks
+        self.ctx = ctx
+        self.actions = []
+        self.threads = []
+        self.t0 = time.time()
+        self.accepter = threading.Thread(target=self._accept, daemon=True)
+        self.accepter.start()
+
+    def _accept(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return  # closed
+            t = threading.Thread(target=self._serve, args=(conn,), daemon=True)
+            self.threads.append(t)
+            t.start()
+
+    def _serve(self, conn):
+        with conn:
+            conn.settimeout(30)
+            try:
+                line = conn.makefile("r", encoding="utf-8", errors="replace").readline().split()
+            except OSError:
+                return
+            rec = {"request": " ".join(line), "at": round(time.time() - self.t0, 2)}
+            self.actions.append(rec)
+            try:
+                if not line:
+                    raise ValueError("empty request")
+                reply = "ok " + str(self.hooks.host_action(self.ctx, line[0], line[1:]))
+            except Exception as exc:  # reported to dom0 and kept: the scenario decides
+                reply = f"error {type(exc).__name__}: {exc}"
+            rec.update(reply=reply, seconds=round(time.time() - self.t0 - rec["at"], 2))
+            log(f"host action {rec['request']!r}: {reply}")
+            try:
+                conn.settimeout(10)
+                conn.sendall(reply.replace("\n", " ").encode() + b"\n")
+            except OSError:
+                pass
+
+    def close(self, wait=60):
+        self.sock.close()
+        for t in list(self.threads):
+            t.join(timeout=wait)
 
 
 # ---------------------------------------------------------------- per-run initrd layer
@@ -217,7 +317,7 @@ def shell_quote(s):
 # ---------------------------------------------------------------- serial output
 def parse_serial(text, outdir):
     lines = [ln.rstrip("\r") for ln in text.replace("\r\n", "\n").split("\n")]
-    results, stages, archive = [], {}, None
+    results, stages, archive, begun = [], {}, None, {}
     in_arch, arch_lines, arch_hdr = False, [], None
     for ln in lines:
         if in_arch:
@@ -239,6 +339,10 @@ def parse_serial(text, outdir):
         m = STAGE_RE.search(ln)
         if m:
             stages[m.group(1)] = _float(m.group(2))
+            continue
+        m = BEGIN_RE.search(ln)
+        if m:
+            begun[m.group(1)] = _float(m.group(2))
     archive_ok = None
     if archive:
         (size, md5), body = archive
@@ -256,7 +360,15 @@ def parse_serial(text, outdir):
                     tf.extractall(outdir)
         else:
             log(f"archive corrupt: {len(data)} bytes (want {size}), md5 mismatch")
-    return {"results": results, "stages": stages, "archive_ok": archive_ok,
+    # a scenario that began and never reported hung or was killed with the run
+    reported = {r["name"] for r in results}
+    last = stages.get("main-end")
+    for name, start in begun.items():
+        if name not in reported:
+            ran = "until the run ended at %.1f s" % last if last and start else "until the run was killed"
+            results.append({"name": name, "status": "FAIL", "seconds": None,
+                            "detail": "began at dom0 uptime %s s and never reported (%s)" % (start, ran)})
+    return {"results": results, "stages": stages, "archive_ok": archive_ok, "begun": begun,
             "done": any("BRBD-DONE" in ln for ln in lines),
             "boot_fail": [ln for ln in lines if "BRBD-BOOT-FAIL" in ln]}
 
@@ -290,6 +402,7 @@ class Harness:
         self.ns = None
         self.cluster = None
         self.qemu = None
+        self.control = None
         self.workdir = None
         self._torn = False
         self.host_stages = {}
@@ -308,6 +421,8 @@ class Harness:
                 self.qemu.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 pass
+        if self.control:
+            self.control.close(wait=5)
         if self.cluster:
             self.cluster.stop()
         if self.ns:
@@ -335,7 +450,7 @@ class Harness:
             self.ns.create()
             config = {"BRBD_IP": DOM0_ADDR, "BRBD_PREFIX": PREFIX, "BRBD_HOST": HOST_ADDR,
                       "BRBD_TIMEOUT": max(60, self.timeout - 120), "BRBD_NIC": self.nic,
-                      "BRBD_HAVE_CLUSTER": 0}
+                      "BRBD_HAVE_CLUSTER": 0, "BRBD_ONLY": os.environ.get("BLOCK_RBD_XEN_ONLY", "")}
             files = {}
             if self.use_cluster:
                 self.cluster = Cluster(self.ns, self.workdir)
@@ -348,6 +463,10 @@ class Harness:
                         t0 = time.time()
                         self.hooks.prepare(HostContext(self, boot, config, files))
                         timings["prepare"] = round(time.time() - t0, 2)
+                    if hasattr(self.hooks, "host_action"):
+                        self.control = Control(self.ns, self.hooks,
+                                               HostContext(self, boot, config, files))
+                        config["BRBD_CONTROL"] = f"{HOST_ADDR} {CONTROL_PORT}"
                 else:
                     log("tools/testcluster.py not present: running without a cluster")
                     self.cluster = None
@@ -365,6 +484,8 @@ class Harness:
             rc = self._boot(boot, initrd, serial)
             timings["qemu"] = round(time.time() - t0, 2)
             timings["qemu_start_to_stage"] = self.host_stages
+            if self.control:
+                self.control.close()
             with open(serial, "rb") as fh:
                 text = fh.read().decode("utf-8", "replace")
             parsed = parse_serial(text, outdir)
@@ -378,7 +499,8 @@ class Harness:
                 timings["verify"] = round(time.time() - t0, 2)
             timings["total"] = round(time.time() - t_start, 2)
             summary = {"qemu_rc": rc, "timings": timings, "workdir": self.workdir,
-                       "serial": serial, "build": boot, **parsed}
+                       "serial": serial, "build": boot, **parsed,
+                       "host_actions": self.control.actions if self.control else []}
             with open(os.path.join(self.workdir, "summary.json"), "w") as fh:
                 json.dump(summary, fh, indent=1)
             return summary
@@ -495,6 +617,15 @@ class HostContext:
     def admin(self, argv, timeout=120):
         return self.harness.cluster.admin(argv, timeout=timeout)
 
+    def cluster_ctl(self, command, *args, timeout=120):
+        """tools/testcluster.py COMMAND on the run's cluster (status, restart-mon...)."""
+        return self.harness.cluster.ctl(command, *args, timeout=timeout)
+
+    @property
+    def actions(self):
+        """The host actions dom0 asked for: [{request, at, reply, seconds}]."""
+        return self.harness.control.actions if self.harness.control else []
+
     def admin_python(self, code, args=(), timeout=120):
         """Run python3 `code` inside the namespace; argv[1:] = conf, admin keyring, pool, *args."""
         i = self.info
@@ -548,7 +679,10 @@ def main(argv=None):
     s = run_program(a.program, use_cluster=not a.no_cluster, timeout=a.timeout, keep=a.keep,
                     checkout=a.checkout, nic=a.nic, images=images)
     for res in s["results"]:
-        print(f"{res['status']:4} {res['name']:40} {res['seconds']}s {res['detail']}")
+        print(f"{res['status']:4} {res['name']:40} {res['seconds']}s "
+              f"(began {s['begun'].get(res['name'], '-')}) {res['detail']}")
+    for act in s["host_actions"]:
+        print(f"host action at {act['at']}s: {act['request']} -> {act.get('reply')}")
     print(json.dumps({k: s[k] for k in ("qemu_rc", "timings", "stages", "archive_ok", "done",
                                           "boot_fail", "workdir")}, indent=1))
     npass = sum(r["status"] == "PASS" for r in s["results"])

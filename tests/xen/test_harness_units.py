@@ -98,3 +98,42 @@ def test_modinfo_depends_and_usr_path():
 
 def test_shell_quote():
     assert harness.shell_quote("a'b c") == "'a'\\''b c'"
+
+
+def test_parse_serial_names_a_scenario_that_never_reported(tmp_path):
+    lines = ["BRBD-SCENARIO-BEGIN a 10.00", "BRBD-RESULT a PASS 1.00 fine",
+             "BRBD-SCENARIO-BEGIN hangs 11.50", "BRBD-STAGE main-end 700.00"]
+    r = harness.parse_serial("\n".join(lines), str(tmp_path))
+    assert r["begun"] == {"a": 10.0, "hangs": 11.5}
+    assert [(x["name"], x["status"]) for x in r["results"]] == [("a", "PASS"), ("hangs", "FAIL")]
+    assert "began at dom0 uptime 11.5 s and never reported" in r["results"][1]["detail"]
+
+
+def test_control_runs_host_actions_and_replies(monkeypatch):
+    import socket
+    import types
+
+    def listen(_ns, _addr, _port):
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(4)
+        return sock
+
+    def host_action(ctx, action, args):
+        if action == "boom":
+            raise RuntimeError("no such fault")
+        return "did %s %s for %s" % (action, " ".join(args), ctx)
+
+    monkeypatch.setattr(harness, "netns_listen", listen)
+    control = harness.Control(types.SimpleNamespace(name="x"),
+                              types.SimpleNamespace(host_action=host_action), "ctx")
+    replies = []
+    for request in (b"osd-pause 20\n", b"boom\n"):
+        with socket.create_connection(control.sock.getsockname(), timeout=10) as conn:
+            conn.sendall(request)
+            replies.append(conn.makefile().readline())
+    control.close()
+    assert replies == ["ok did osd-pause 20 for ctx\n",
+                       "error RuntimeError: no such fault\n"]
+    assert [a["request"] for a in control.actions] == ["osd-pause 20", "boom"]
+    assert control.actions[0]["reply"].startswith("ok ")

@@ -9,11 +9,18 @@ brbd_result() { _n=$1 _s=$2 _t=$3; shift 3; echo "BRBD-RESULT $_n $_s $_t $*"; }
 
 # brbd_scenario NAME FUNC [ARGS]: run FUNC in a subshell (set -e), log to
 # $OUT/scenarios/NAME.log, report PASS/FAIL with the time and the log's last line.
-# A FUNC exiting 77 reports SKIP.
+# A FUNC exiting 77 reports SKIP.  The BEGIN mark lets the host name a scenario that
+# never reported (hung until the run's timeout).  BRBD_ONLY (BLOCK_RBD_XEN_ONLY on the
+# host: names separated by spaces) runs only those scenarios.
 brbd_scenario() {
     _name=$1; shift
+    case " ${BRBD_ONLY:-$_name} " in
+        *" $_name "*) ;;
+        *) brbd_result $_name SKIP 0 "not selected (BLOCK_RBD_XEN_ONLY=$BRBD_ONLY)"; return 0 ;;
+    esac
     _log=$OUT/scenarios/$_name.log
     _t0=$(brbd_now)
+    echo "BRBD-SCENARIO-BEGIN $_name $_t0"
     ( set -e; "$@" ) > $_log 2>&1
     _rc=$?
     _t1=$(brbd_now)
@@ -46,4 +53,13 @@ brbd_wait_for() {
         _i=$((_i+1)); [ $_i -gt ${2:-100} ] && return 1
         sleep 0.1
     done
+}
+
+# brbd_host ACTION ARGS...: have the host do ACTION (host.py's host_action, e.g.
+# osd-pause 20, restart-mon); prints the host's reply, fails unless it is "ok ..."
+brbd_host() {
+    [ -n "$BRBD_CONTROL" ] || { echo "no host control channel in this run"; return 1; }
+    _reply=$(echo "$*" | nc $BRBD_CONTROL)
+    echo "host $*: ${_reply:-no reply}"
+    case "$_reply" in ok*) return 0 ;; *) return 1 ;; esac
 }
