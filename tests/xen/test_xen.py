@@ -19,10 +19,13 @@ sys.path.insert(0, HERE)
 
 GATE = os.path.join(HERE, "guest", "gate")
 SCENARIOS = [
+    "storm-krbd", "storm-nbd", "storm-krbd-service", "storm-nbd-service",
     "krbd-attach", "nbd-attach", "ro-attach", "missing-image", "pv-guest-4disks",
-    "pygrub-guest", "pytest-dom0-krbd", "pytest-dom0-nbd", "bench-attach", "nothing-left-mapped",
+    "pygrub-guest", "pytest-dom0-krbd", "pytest-dom0-nbd", "bench-attach", "mon-restart-add",
+    "osd-stall-guest", "nothing-left-mapped",
 ]
-TIMEOUT = int(os.environ.get("BLOCK_RBD_XEN_TIMEOUT", "900"))
+# Under TCG one run takes ~12 min of one core; a busy machine stretches that.
+TIMEOUT = int(os.environ.get("BLOCK_RBD_XEN_TIMEOUT", "2400"))
 
 
 def _unavailable():
@@ -79,6 +82,14 @@ def _bench(summary):
         return [line.rstrip() for line in handle if line.strip() and not line.startswith("BENCH")]
 
 
+def _out_lines(summary, name, prefix):
+    path = os.path.join(summary["workdir"], "out", name)
+    if not os.path.exists(path):
+        return []
+    with open(path, errors="replace") as handle:
+        return [line.rstrip() for line in handle if line.startswith(prefix)]
+
+
 def test_vm_ran_to_the_end(gate):
     """dom0 finished its program and the result archive came back intact."""
     _check_ran(gate)
@@ -108,12 +119,21 @@ def test_report(gate, capsys):
              "  dom0 stages (s since boot): " + ", ".join(
                  "%s %.1f" % (k, v) for k, v in gate["stages"].items() if v is not None),
              "  base layer %s" % ("cached" if gate["build"].get("base_cached") else "BUILT (cold)")]
-    lines.append("  %-22s %-5s %8s" % ("scenario", "", "seconds"))
+    lines.append("  %-22s %-5s %8s %8s" % ("scenario", "", "seconds", "began at"))
     for r in gate["results"]:
-        lines.append("  %-22s %-5s %8s  %s" % (r["name"], r["status"], r["seconds"], r["detail"][:110]))
+        lines.append("  %-22s %-5s %8s %8s  %s" % (r["name"], r["status"], r["seconds"],
+                                                  gate.get("begun", {}).get(r["name"], ""),
+                                                  r["detail"][:110]))
+    for action in gate.get("host_actions", []):
+        lines.append("  host action at %s s: %s -> %s (%s s)" % (
+            action["at"], action["request"], action.get("reply"), action.get("seconds")))
     lines.append("  xl timings (s, under TCG):")
     for label, secs, rest in _timings(gate):
         lines.append("    %-28s %6s %s" % (label, secs, rest))
+    storm = _out_lines(gate, "storm.txt", "STORM ")
+    if storm:
+        lines.append("  boot storm in dom0 (wall s; ratio = add storm / floor storm):")
+        lines += ["    " + line[len("STORM "):] for line in storm]
     bench = _bench(gate)
     if bench:
         lines.append("  attach benchmark in dom0:")

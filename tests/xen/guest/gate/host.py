@@ -12,9 +12,12 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 XEN_TESTS = os.path.dirname(os.path.dirname(HERE))
@@ -28,6 +31,10 @@ PATTERN_OFFSET = MiB
 PATTERN_LEN = 4 * MiB
 PV_IMAGES = ["pv-a", "pv-b", "pv-c", "pv-d"]
 PV_MARKER_LEN = 64
+STORM_N = 16
+STORM_IMAGES = ["storm-%d" % i for i in range(STORM_N)]
+STALL_IMAGES = ["stall-krbd", "stall-nbd"]
+STALL_SECS = 20
 GOLDEN = (b"block-rbd golden read-only data\n" * 32768)[:MiB]
 
 # Images and what they hold before boot: name -> (size, [(offset, data)]).
@@ -40,7 +47,42 @@ def images(pattern):
     }
     for name in PV_IMAGES:
         spec[name] = (16 * MiB, [(0, ("BRBD-MARKER %s\n" % name).encode())])
+    for name in STORM_IMAGES + ["monrestart"]:
+        spec[name] = (16 * MiB, [])
+    for name in STALL_IMAGES:
+        spec[name] = (32 * MiB, [])
     return spec
+
+
+def stall_block(image, n):
+    """Block n as the guest's stall writer writes it (guest-init)."""
+    return ("BRBD-STALL %s %06d\n" % (image, n)).encode().ljust(4096, b"\0")
+
+
+def host_action(ctx, action, args):
+    """What dom0 asks for during the run (brbd_host in brbd-lib.sh)."""
+    if action == "osd-pause":
+        # memstore: a restarted OSD would come back empty, so stop it instead of killing it
+        secs = float(args[0])
+        pid = cluster_pids(ctx)["osd.0"]
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            time.sleep(secs)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        return "osd.0 (pid %d) stopped for %.0f s, continued" % (pid, secs)
+    if action == "restart-mon":
+        t0 = time.time()
+        p = ctx.cluster_ctl("restart-mon")
+        if p.returncode != 0:
+            raise RuntimeError("testcluster restart-mon: %s" % p.stderr.strip()[-500:])
+        return "mon.a restarted in %.1f s (pid %s)" % (time.time() - t0, cluster_pids(ctx)["mon.a"])
+    raise ValueError("unknown host action %r" % action)
+
+
+def cluster_pids(ctx):
+    p = ctx.cluster_ctl("status", timeout=60)
+    return json.loads(p.stdout)["pids"]
 
 
 # Runs inside the namespace as the admin: argv = conf, keyring, pool, job.json
@@ -212,13 +254,28 @@ def prepare(ctx):
     ctx.config["BRBD_PATTERN_MD5"] = hashlib.md5(pattern).hexdigest()
     ctx.config["BRBD_GOLDEN_MD5"] = hashlib.md5(GOLDEN).hexdigest()
     ctx.config["BRBD_PV_IMAGES"] = " ".join(PV_IMAGES)
+    ctx.config["BRBD_STORM_N"] = STORM_N
+    ctx.config["BRBD_STALL_SECS"] = STALL_SECS
     test_tree(ctx.files)
+
+
+def stall_blocks(ctx):
+    """{image: blocks the guest wrote} from the osd-stall-guest scenario's report."""
+    path = os.path.join(ctx.workdir, "out", "stall.txt")
+    if not os.path.exists(path):
+        return {}
+    with open(path, errors="replace") as fh:
+        return {m.group(1): int(m.group(2)) for m in
+                re.finditer(r"BRBD-STALL-DISK \S+ (\S+) \S+ blocks=(\d+)", fh.read())}
 
 
 def verify(ctx, parsed):
     pattern_md5 = ctx.config["BRBD_PATTERN_MD5"]
+    stall = stall_blocks(ctx)
     want = [["krbd1", PATTERN_OFFSET, PATTERN_LEN], ["nbd1", PATTERN_OFFSET, PATTERN_LEN],
             ["ro1", 0, MiB]] + [[n, 4096, 64] for n in PV_IMAGES]
+    want += [[n, 0, 4096 * max(1, stall.get(n, 0))] for n in STALL_IMAGES]
+    want += [[n, 0, 4096] for n in STORM_IMAGES + ["monrestart"]]
     p = ctx.admin_python(READ, [json.dumps(want)], timeout=120)
     if p.returncode != 0:
         raise RuntimeError("reading back through librbd failed: %s" % p.stderr[-2000:])
@@ -243,6 +300,23 @@ def verify(ctx, parsed):
             bad.append("%s: %r" % (name, text))
     ctx.mark(parsed, "pv-guest-4disks", not bad,
              "the guest's 4 writes are in Ceph" if not bad else "missing guest writes: " + ", ".join(bad))
+    bad = []
+    for name in STALL_IMAGES:
+        entry = got.get("%s@0" % name)
+        n = stall.get(name)
+        expect = hashlib.md5(b"".join(stall_block(name, i) for i in range(n or 0))).hexdigest()
+        if not n:
+            bad.append("%s: the guest reported no blocks" % name)
+        elif not entry or entry[0] != expect:
+            bad.append("%s: the %d blocks in Ceph differ from what the guest wrote" % (name, n))
+    pauses = [a for a in ctx.actions if a["request"].startswith("osd-pause")]
+    paused = pauses and pauses[0].get("reply", "").startswith("ok")
+    if not paused:
+        bad.append("the host did not pause the OSD (%s)" % (pauses[0].get("reply") if pauses else "not asked"))
+    if any(r["name"] == "osd-stall-guest" and r["status"] != "SKIP" for r in parsed["results"]):
+        ctx.mark(parsed, "osd-stall-guest", not bad,
+                 "%s; the guest's blocks are in Ceph (%s)" % (pauses[0]["reply"][3:], ", ".join(
+                     "%s %d" % kv for kv in sorted(stall.items()))) if not bad else "; ".join(bad))
     busy = sorted(k for k, v in got.items() if v and v[2] > 0)
     regs = sorted("%s: %s" % (k, " ".join(v[3])) for k, v in got.items() if v and v[3])
     ctx.mark(parsed, "nothing-left-mapped", not busy and not regs,
