@@ -32,7 +32,9 @@ PATTERN_LEN = 4 * MiB
 PV_IMAGES = ["pv-a", "pv-b", "pv-c", "pv-d"]
 PV_MARKER_LEN = 64
 STORM_N = 16
-STORM_IMAGES = ["storm-%d" % i for i in range(STORM_N)]
+# one set per storm (gate/main): a storm that leaves registrations must not spoil the next
+STORM_IMAGES = ["storm-%s-%d" % (label, i) for label in ("krbd", "nbd", "krbd-service", "nbd-service")
+                for i in range(STORM_N)]
 STALL_IMAGES = ["stall-krbd", "stall-nbd"]
 STALL_SECS = 20
 GOLDEN = (b"block-rbd golden read-only data\n" * 32768)[:MiB]

@@ -130,6 +130,7 @@ def main():
     problems = []
 
     # floor storm
+    run(["modprobe", "rbd" if m == "krbd" else "nbd"], check=True)  # krbd: libceph's key type
     if m == "krbd":
         kernel_key()
     scratch = ["backend/vbd/%d/51999" % (a.first_domid + i) for i in range(n)]
@@ -156,14 +157,14 @@ def main():
         error = xs_read(path + "/hotplug-error") or ""
         clean = rc == 1 and status == "error" and error and "\n" not in error and "Traceback" not in err
         problems.append("add %s: rc=%s %.1f s status=%s %s error=%r" % (
-            path, rc, secs, status, "clean" if clean else "NOT CLEAN", error or err[-300:]))
+            path, rc, secs, status, "clean" if clean else "NOT CLEAN", error or last_lines(err)))
     for path in paths:
         xs_write(path + "/online", "0", path + "/state", "6")
     removes, remove_wall = concurrently(lambda p: hotplug("remove", p), paths)
     remove_ok = sum(1 for _secs, rc, _err in removes if rc == 0)
     for path, (secs, rc, err) in zip(paths, removes):
         if rc != 0:
-            problems.append("remove %s: rc=%s %.1f s: %s" % (path, rc, secs, err[-300:]))
+            problems.append("remove %s: rc=%s %.1f s: %s" % (path, rc, secs, last_lines(err)))
     for i in range(n):
         run(["xenstore-rm", "/local/domain/0/backend/vbd/%d" % (a.first_domid + i),
              "/local/domain/%d" % (a.first_domid + i)])
@@ -178,6 +179,12 @@ def main():
           "remove_wall=%.2f" % (label, n, floor_ok, floor_wall, add_ok, add_wall, add_wall / floor_wall,
                                 remove_ok, remove_wall))
     sys.exit(0 if floor_ok == add_ok == remove_ok == n else 1)
+
+
+def last_lines(err):
+    """The end of a run's stderr without its verbose "ran (...)" lines."""
+    lines = [ln for ln in err.splitlines() if ln.strip() and not ln.startswith("block-rbd: ran ")]
+    return " | ".join(lines[-2:])[-400:]
 
 
 def _try(fn, *args):
