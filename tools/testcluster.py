@@ -8,7 +8,7 @@ lives in one directory, no systemd is involved, and stop() removes it all.
 CLI:
     python3 tools/testcluster.py start DIR [--addr IP]   # prints JSON, daemons stay up
     python3 tools/testcluster.py status DIR
-    python3 tools/testcluster.py restart-mon DIR         # daemons stay up
+    python3 tools/testcluster.py restart-mon DIR [--down S]  # daemons stay up
     python3 tools/testcluster.py stop DIR [--keep]
 
 Python:
@@ -642,6 +642,7 @@ def main(argv=None):
     p.add_argument("dir")
     p = sub.add_parser("restart-mon", help="stop the mon, start it again, wait until it answers")
     p.add_argument("dir")
+    p.add_argument("--down", type=float, default=0.0, help="seconds to leave it stopped")
     args = ap.parse_args(argv)
 
     c = TestCluster(args.dir, **({"addr": args.addr} if args.cmd == "start" else {}))
@@ -657,6 +658,7 @@ def main(argv=None):
             c.stop(keep=args.keep)
         elif args.cmd == "restart-mon":
             c.kill_mon()
+            time.sleep(args.down)
             c.start_mon()
             print(json.dumps({"pids": c.running()}))
         else:

@@ -73,12 +73,13 @@ def host_action(ctx, action, args):
         finally:
             os.kill(pid, signal.SIGCONT)
         return "osd.0 (pid %d) stopped for %.0f s, continued" % (pid, secs)
-    if action == "restart-mon":
+    if action == "restart-mon":  # [seconds to leave it down]
         t0 = time.time()
-        p = ctx.cluster_ctl("restart-mon")
+        p = ctx.cluster_ctl("restart-mon", "--down", args[0] if args else 0)
         if p.returncode != 0:
             raise RuntimeError("testcluster restart-mon: %s" % p.stderr.strip()[-500:])
-        return "mon.a restarted in %.1f s (pid %s)" % (time.time() - t0, cluster_pids(ctx)["mon.a"])
+        return "mon.a down %s s, answering again after %.1f s (pid %s)" % (
+            args[0] if args else 0, time.time() - t0, cluster_pids(ctx)["mon.a"])
     raise ValueError("unknown host action %r" % action)
 
 
