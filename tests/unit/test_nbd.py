@@ -78,7 +78,7 @@ class RbdNbd:
             return Result(argv, 0, self.listed, "")
         if argv[:2] == ["rbd-nbd", "map"]:
             if self.map_result.returncode and check:
-                raise CommandError("rbd-nbd map failed: " + process.first_line(self.map_result.stderr),
+                raise CommandError("rbd-nbd map failed: " + process.last_line(self.map_result.stderr),
                                    returncode=self.map_result.returncode, stderr=self.map_result.stderr)
             return self.map_result
         if argv[:2] == ["rbd-nbd", "unmap"]:

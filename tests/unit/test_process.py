@@ -134,5 +134,5 @@ def test_fix_path(env, expected):
 
 
 @pytest.mark.parametrize("text, line", [("", ""), (None, ""), ("a\nb\n\n  ", "b"), ("  only  ", "only")])
-def test_first_line_is_the_last_non_empty_line(text, line):
-    assert process.first_line(text) == line
+def test_last_line_is_the_last_non_empty_line(text, line):
+    assert process.last_line(text) == line
