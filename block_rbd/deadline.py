@@ -59,6 +59,17 @@ def budget(deadline):
         _current.reset(token)
 
 
+def cleanup():
+    """A budget for undoing a failed run: until shortly before libxl's SIGKILL.
+
+    Undo must not be starved by the step that used up the run's budget.
+    """
+    deadline = _current.get()
+    if deadline is None:
+        return contextlib.nullcontext()
+    return budget(Deadline(CLEANUP_END, started=deadline.started))
+
+
 def limit(cap=None, default=None, what="the next step"):
     """Seconds the next step may take: its cap within what is left of the budget.
 
