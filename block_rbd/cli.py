@@ -19,6 +19,7 @@ from . import process
 from .cluster import Cluster
 from .console import echo_table
 from .errors import BlockRbdError
+from .policy import Request
 from .registry import Registry
 from .target import parse, parse_spec
 
@@ -89,16 +90,15 @@ def map_cmd(obj, target, mode):
     config = obj.config
     parsed = parse(target, config["pool"])
     mode = parsed.mode or mode
-    info = {"host": config.host, "vm": None, "domid": None, "devid": None, "backend": None}
     with Cluster(config) as cluster:
-        mapping = attachments.attach(config, cluster, parsed, mode, MANUAL, info, Registry(config))
+        mapping = attachments.attach(config, cluster, parsed, Request(MANUAL, mode), Registry(config))
     click.echo(mapping.device)
 
 
 def _find_device(config, device):
     for record in attachments.local_state(config).records():
-        if record["device"] == os.path.realpath(device) or record["device"] == device:
-            return parse_spec(record["image"]), record["read_only"]
+        if record.device in (os.path.realpath(device), device):
+            return record.spec, record.read_only
     raise BlockRbdError("%s is not a device block-rbd mapped on this host" % device)
 
 

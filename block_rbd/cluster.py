@@ -89,7 +89,8 @@ class Cluster:
         conf = {
             "keyring": cfg.keyring,
             # The cap protects the rest of the budget from a cluster that is down.
-            "client_mount_timeout": "%.1f" % deadline.limit(cfg["timeouts.connect"], what="connecting to Ceph"),
+            "client_mount_timeout": str(max(1, int(deadline.limit(cfg["timeouts.connect"],
+                                                                  what="connecting to Ceph")))),
             "rados_mon_op_timeout": str(cfg["timeouts.op"]),
             "rados_osd_op_timeout": str(cfg["timeouts.op"]),
             # A hotplug script must not spend its budget on logs nobody reads.

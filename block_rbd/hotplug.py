@@ -173,9 +173,9 @@ def _on_alarm(_signum, _frame):
                          % (deadline.CLEANUP_END + 1))
 
 
-def main(command, environ=None):
+def main(command, environ=None, started=None):
     """Entry point for libxl, in-process.  Returns the exit code."""
-    started = time.monotonic()
+    started = time.monotonic() if started is None else started
     environ = os.environ if environ is None else environ
     process.fix_path(environ)
     path = environ.get("XENBUS_PATH", "")
