@@ -1,24 +1,18 @@
-"""Operator commands for golden images, snapshots and backups.
-
-Registered on the main `block-rbd` group when cli.main() imports this module,
-so `add`/`remove` under libxl never load it.
-"""
+"""Operator commands for golden images and snapshots: `snapshot`, `clone`, `flatten`."""
 
 import json
-import sys
 
 import click
 
-from . import backup as backup_mod
-from . import images
+from .. import images
+from ..cluster import Cluster
+from ..errors import ImageInUse
+from ..registry import Registry
+from ..target import parse_size, parse_spec
 from .console import echo_table
-from .cluster import Cluster
-from .errors import ImageInUse
-from .registry import Registry
-from .target import parse_size, parse_spec
 
 
-def _spec(obj, text, snap=None):
+def image_spec(obj, text, snap=None):
     """Parse an image spec with the configured default pool; snap: True requires one, False forbids."""
     spec = parse_spec(text, obj.config["pool"])
     if snap is True:
@@ -26,20 +20,6 @@ def _spec(obj, text, snap=None):
     elif snap is False and spec.snap:
         raise click.UsageError("%s: name an image, not a snapshot" % text)
     return spec
-
-
-def _progress(label):
-    """A click progress bar on a terminal, nothing otherwise (cron, logs)."""
-    if not sys.stderr.isatty():
-        return None, None
-    bar = click.progressbar(length=1, label=label, file=sys.stderr, show_pos=False, show_percent=True)
-    state = {"total": None}
-
-    def callback(count, total):
-        if state["total"] != total:
-            state["total"] = bar.length = max(total, 1)
-        bar.update(count)
-    return bar, callback
 
 
 @click.group("snapshot")
@@ -52,7 +32,7 @@ def snapshot_group():
 @click.pass_obj
 def snapshot_create_cmd(obj, snapshot):
     """Snapshot POOL/IMAGE@SNAP (also while attached: freeze the guest first for a clean fs)."""
-    spec = _spec(obj, snapshot, snap=True)
+    spec = image_spec(obj, snapshot, snap=True)
     with Cluster(obj.config) as cluster:
         images.snapshot_create(cluster, spec)
     click.echo("created %s" % spec)
@@ -64,7 +44,7 @@ def snapshot_create_cmd(obj, snapshot):
 @click.pass_obj
 def snapshot_list_cmd(obj, image, fmt):
     """List the snapshots of POOL/IMAGE."""
-    spec = _spec(obj, image, snap=False)
+    spec = image_spec(obj, image, snap=False)
     with Cluster(obj.config) as cluster:
         rows = images.snapshot_list(cluster, spec)
     if fmt == "json":
@@ -81,7 +61,7 @@ def snapshot_list_cmd(obj, image, fmt):
 @click.pass_obj
 def snapshot_remove_cmd(obj, snapshot):
     """Remove POOL/IMAGE@SNAP (unprotecting it when no clone depends on it)."""
-    spec = _spec(obj, snapshot, snap=True)
+    spec = image_spec(obj, snapshot, snap=True)
     with Cluster(obj.config) as cluster:
         images.snapshot_remove(cluster, spec)
     click.echo("removed %s" % spec)
@@ -92,7 +72,7 @@ def snapshot_remove_cmd(obj, snapshot):
 @click.pass_obj
 def snapshot_rollback_cmd(obj, snapshot):
     """Roll POOL/IMAGE back to SNAP; refused while the image is attached anywhere."""
-    spec = _spec(obj, snapshot, snap=True)
+    spec = image_spec(obj, snapshot, snap=True)
     with Cluster(obj.config) as cluster:
         # Registrations catch attachments that hold no watch (e.g. a stale or
         # read-only mapping elsewhere); watchers catch clients outside block-rbd.
@@ -111,8 +91,8 @@ def snapshot_rollback_cmd(obj, snapshot):
 @click.pass_obj
 def clone_cmd(obj, golden, image, size):
     """Clone the snapshot GOLDEN (POOL/IMAGE@SNAP) as IMAGE, copy-on-write."""
-    golden_spec = _spec(obj, golden, snap=True)
-    spec = _spec(obj, image, snap=False)
+    golden_spec = image_spec(obj, golden, snap=True)
+    spec = image_spec(obj, image, snap=False)
     with Cluster(obj.config) as cluster:
         outcome = images.clone(cluster, golden_spec, spec, parse_size(size) if size else None)
     click.echo("%s %s from %s" % ("cloned" if outcome == "created" else "already cloned", spec, golden_spec))
@@ -123,49 +103,7 @@ def clone_cmd(obj, golden, image, size):
 @click.pass_obj
 def flatten_cmd(obj, image):
     """Copy the parent's data into the clone IMAGE, detaching it from its golden image."""
-    spec = _spec(obj, image, snap=False)
+    spec = image_spec(obj, image, snap=False)
     with Cluster(obj.config) as cluster:
         images.flatten(cluster, spec)
     click.echo("flattened %s" % spec)
-
-
-@click.command("backup")
-@click.argument("source")
-@click.argument("dest", type=click.Path(dir_okay=False))
-@click.option("--format", "fmt", type=click.Choice(["raw", "qcow2"]), default="raw", show_default=True)
-@click.option("--since", default=None, metavar="SNAP",
-              help="Write only the changes since SNAP, as an rbd diff v1 stream.")
-@click.option("--verify", is_flag=True, help="Read the backup back and compare it with the snapshot.")
-@click.pass_obj
-def backup_cmd(obj, source, dest, fmt, since, verify):
-    """Back up POOL/IMAGE@SNAP (or a live POOL/IMAGE, through a temporary snapshot) to DEST."""
-    spec = _spec(obj, source)
-    bar, callback = _progress("backup %s" % spec)
-    with Cluster(obj.config) as cluster:
-        try:
-            stats = backup_mod.backup(cluster, spec, dest, fmt, since, verify,
-                                      backup_mod.Progress(callback))
-        finally:
-            if bar is not None:
-                bar.render_finish()
-    click.echo("%s: %d bytes of data written (image %d bytes)%s" % (
-        dest, stats["written"], stats["size"], ", verified" if verify else ""))
-
-
-@click.command("restore")
-@click.argument("full", type=click.Path(exists=True, dir_okay=False))
-@click.argument("image")
-@click.option("--increment", "increments", multiple=True, type=click.Path(exists=True, dir_okay=False),
-              help="An incremental backup to apply, oldest first (repeat).")
-@click.pass_obj
-def restore_cmd(obj, full, image, increments):
-    """Create IMAGE from the full backup FULL (RAW or QCOW2) plus increments."""
-    spec = _spec(obj, image, snap=False)
-    bar, callback = _progress("restore %s" % spec)
-    with Cluster(obj.config) as cluster:
-        try:
-            backup_mod.restore(cluster, full, spec, increments, backup_mod.Progress(callback))
-        finally:
-            if bar is not None:
-                bar.render_finish()
-    click.echo("restored %s from %s%s" % (spec, full, " + %d increments" % len(increments) if increments else ""))
