@@ -6,7 +6,6 @@ import click
 
 from .. import images
 from ..cluster import Cluster
-from ..errors import ImageInUse
 from ..registry import Registry
 from ..target import parse_size, parse_spec
 from .console import echo_table
@@ -74,13 +73,7 @@ def snapshot_rollback_cmd(obj, snapshot):
     """Roll POOL/IMAGE back to SNAP; refused while the image is attached anywhere."""
     spec = image_spec(obj, snapshot, snap=True)
     with Cluster(obj.config) as cluster:
-        # Registrations catch attachments that hold no watch (e.g. a stale or
-        # read-only mapping elsewhere); watchers catch clients outside block-rbd.
-        regs, _watchers, _owners = Registry(obj.config).states(cluster, spec.head())
-        if regs:
-            raise ImageInUse("%s is attached (%s): detach it before rolling back"
-                                    % (spec.head(), ", ".join(sorted(r.key for r in regs))))
-        images.rollback(cluster, spec)
+        images.rollback(cluster, spec, Registry(obj.config))
     click.echo("rolled %s back to %s" % (spec.head(), spec.snap))
 
 
