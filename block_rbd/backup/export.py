@@ -8,8 +8,8 @@ when the image has a valid fast-diff) and all-zero blocks are not written.
 
 Incremental backup (`--since SNAP`): Ceph's own rbd diff v1 stream (format.py).
 
-Also what restore.py shares: threaded librbd I/O, sparse-file extents,
-progress and the qemu-img calls.
+restore.py uses this module's threaded librbd I/O, sparse-file extents,
+progress and qemu-img calls too.
 """
 
 import concurrent.futures

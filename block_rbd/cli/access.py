@@ -8,7 +8,7 @@ import click
 from ..cluster import Cluster
 from ..registry import Registry
 from ..target import parse
-from .console import echo_table
+from .console import echo_table, format_option
 
 
 def registrations(config, cluster, spec):
@@ -36,7 +36,7 @@ def echo_registrations(spec, regs, watchers):
 
 @click.command("locks")
 @click.argument("target")
-@click.option("--format", "fmt", type=click.Choice(["plain", "json"]), default="plain")
+@format_option
 @click.pass_obj
 def locks_cmd(obj, target, fmt):
     """List every access registration of TARGET, with its holder and liveness."""

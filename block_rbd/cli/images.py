@@ -8,7 +8,7 @@ from .. import images
 from ..cluster import Cluster
 from ..registry import Registry
 from ..target import parse_size, parse_spec
-from .console import echo_table
+from .console import echo_table, format_option
 
 
 def image_spec(obj, text, snap=None):
@@ -39,7 +39,7 @@ def snapshot_create_cmd(obj, snapshot):
 
 @snapshot_group.command("list")
 @click.argument("image")
-@click.option("--format", "fmt", type=click.Choice(["plain", "json"]), default="plain")
+@format_option
 @click.pass_obj
 def snapshot_list_cmd(obj, image, fmt):
     """List the snapshots of POOL/IMAGE."""

@@ -11,7 +11,7 @@ from ..errors import BlockRbdError
 from ..registry import Registry
 from ..target import parse, parse_spec
 from .access import echo_registrations, registration_rows, registrations
-from .console import echo_table
+from .console import echo_table, format_option
 
 MANUAL = attachments.MANUAL
 
@@ -64,7 +64,7 @@ def unmap_cmd(obj, what):
 
 
 @click.command("showmapped")
-@click.option("--format", "fmt", type=click.Choice(["plain", "json"]), default="plain")
+@format_option
 @click.pass_obj
 def showmapped_cmd(obj, fmt):
     """List this host's RBD mappings and the Xen backends using them."""
@@ -83,7 +83,7 @@ def showmapped_cmd(obj, fmt):
 
 @click.command("status")
 @click.argument("target")
-@click.option("--format", "fmt", type=click.Choice(["plain", "json"]), default="plain")
+@format_option
 @click.pass_obj
 def status_cmd(obj, target, fmt):
     """What TARGET is and who uses it: the image, its attachments anywhere, its mappings here."""
