@@ -251,8 +251,8 @@ def rollback(cluster, spec, registry):
 
     Rolling back under a user would change a mounted filesystem's blocks.
     Registrations catch attachments that hold no watch (a stale or read-only
-    mapping elsewhere); watchers catch mappings and librbd clients outside
-    block-rbd.
+    mapping elsewhere); watchers catch every open mapping (krbd, rbd-nbd,
+    rbd-fuse) and librbd clients outside block-rbd.
     """
     need_snap(spec, "snapshot rollback")
     regs, _watchers, _owners = registry.states(cluster, spec.head())

@@ -1,4 +1,4 @@
-"""Operator commands for cluster-wide access modes: `locks` and `break-lock`."""
+"""Operator commands for cluster-wide access modes: `locks`, `break-lock`; the registration view `status` shares."""
 
 import json
 import time
