@@ -14,6 +14,9 @@ RUNTIME_DEBS = python3 python3-rados python3-rbd python3-click python3-yaml ceph
 TEST_DEBS    = $(RUNTIME_DEBS) python3-venv ceph-mon ceph-mgr ceph-osd xenstore-utils qemu-utils util-linux kmod
 XEN_DEBS     = qemu-system-x86 iproute2 cpio busybox-static e2fsprogs python3-pytest python3-pytest-mock
 
+# The package and every sub-package (a directory with an __init__.py).
+PACKAGES     = $(patsubst %/,%,$(dir $(wildcard block_rbd/__init__.py block_rbd/*/__init__.py)))
+
 .PHONY: help deps venv install uninstall demo test test-unit test-xen bench clean
 
 help:
@@ -40,10 +43,13 @@ $(VENV)/.ready: setup.cfg setup.py
 
 venv: $(VENV)/.ready
 
+# The old tree goes first: a module that became a package (backup.py, cli.py) must not linger.
 install:
-	install -d $(DESTDIR)$(PYLIBDIR)/block_rbd/mappers $(DESTDIR)$(SCRIPTDIR)
-	install -m 0644 block_rbd/*.py $(DESTDIR)$(PYLIBDIR)/block_rbd/
-	install -m 0644 block_rbd/mappers/*.py $(DESTDIR)$(PYLIBDIR)/block_rbd/mappers/
+	rm -rf $(DESTDIR)$(PYLIBDIR)/block_rbd
+	for pkg in $(PACKAGES); do \
+		install -d $(DESTDIR)$(PYLIBDIR)/$$pkg && install -m 0644 $$pkg/*.py $(DESTDIR)$(PYLIBDIR)/$$pkg/ || exit 1; \
+	done
+	install -d $(DESTDIR)$(SCRIPTDIR)
 	install -m 0755 scripts/block-rbd $(DESTDIR)$(SCRIPTDIR)/block-rbd
 	install -d $(DESTDIR)/usr/local/sbin
 	ln -sf $(SCRIPTDIR)/block-rbd $(DESTDIR)/usr/local/sbin/block-rbd

@@ -198,8 +198,13 @@ def holders_of(config, spec, read_only):
 
 
 def host_mappings(config):
-    """This host's mappings: what the mappers see, joined with block-rbd's records."""
-    records = {(r.image, r.read_only): r for r in local_state(config).records()}
+    """This host's mappings: what the mappers see, joined with block-rbd's records.
+
+    Cluster-wide releases still pending are rows too (pending_release): what a
+    remove without the cluster left to finish.
+    """
+    state = local_state(config)
+    records = {(r.image, r.read_only): r for r in state.records()}
     rows = []
     for name in mappers.AUTO_ORDER:
         mapper = mappers.get(name, config)
@@ -210,15 +215,19 @@ def host_mappings(config):
             rows.append(_row(mapping.spec, mapping.read_only, name, mapping.device, record))
     for (image, ro), record in sorted(records.items()):
         rows.append(_row(parse_spec(image), ro, record.mapper, None, record))
+    for item in state.pending():
+        rows.append(dict(_row(item.spec, None, None, None, None, holders=(item.holder,)),
+                         managed=True, pending_release=True, since=int(item.since)))
     return rows
 
 
-def _row(spec, ro, mapper, device, record):
-    holders = record.holders if record else {}
+def _row(spec, ro, mapper, device, record, holders=None):
+    holders = holders if holders is not None else (record.holders if record else {})
     return {
-        "image": str(spec.head()), "snap": spec.snap, "mode": "ro" if ro else "rw",
+        "image": str(spec.head()), "snap": spec.snap, "mode": "-" if ro is None else "ro" if ro else "rw",
         "mapper": mapper, "device": device,
         "backends": sorted(h for h in holders if h != MANUAL),
         "manual": MANUAL in holders,
         "managed": record is not None,
+        "pending_release": False,
     }
