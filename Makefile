@@ -5,6 +5,7 @@ VENV        ?= .venv
 DESTDIR     ?=
 SCRIPTDIR   ?= /etc/xen/scripts
 CONFDIR     ?= /etc/xen
+UNITDIR     ?= /etc/systemd/system
 # Debian's python3 looks here for locally installed packages.
 PYLIBDIR    ?= $(shell $(PYTHON) -c 'import sys; print("/usr/local/lib/python%d.%d/dist-packages" % sys.version_info[:2])')
 
@@ -54,9 +55,13 @@ install:
 	install -d $(DESTDIR)/usr/local/sbin
 	ln -sf $(SCRIPTDIR)/block-rbd $(DESTDIR)/usr/local/sbin/block-rbd
 	[ -e $(DESTDIR)$(CONFDIR)/block-rbd.yaml ] || install -m 0644 etc/block-rbd.yaml $(DESTDIR)$(CONFDIR)/block-rbd.yaml
+	install -d $(DESTDIR)$(UNITDIR)
+	install -m 0644 etc/systemd/*.socket etc/systemd/*.service etc/systemd/*.timer $(DESTDIR)$(UNITDIR)/
+	@echo "systemd dom0: systemctl daemon-reload && systemctl enable --now block-rbd.socket block-rbd-release-pending.timer"
 
 uninstall:
 	rm -rf $(DESTDIR)$(PYLIBDIR)/block_rbd $(DESTDIR)$(SCRIPTDIR)/block-rbd $(DESTDIR)/usr/local/sbin/block-rbd
+	rm -f $(addprefix $(DESTDIR)$(UNITDIR)/,$(notdir $(wildcard etc/systemd/*)))
 
 demo: deps
 	$(PYTHON) tools/demo.py
