@@ -25,6 +25,7 @@ targets next to the figures; asserts nothing.
 import argparse
 import glob
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -299,9 +300,9 @@ class Storms:
 
         try:
             pids = (lambda: tracker.pids() + [service.pid]) if service else tracker.pids
-            before = service.cpu() if service else 0.0
             with Sampler(pids) as add_mem:
                 added, add_wall = storm(hotplug("add"), paths, HOTPLUG_KILL + 30)
+            # The service's CPU counts from its start, as if the storm had started it.
             middle = service.cpu() if service else 0.0
             add_cpu = tracker.cpu
             daemons = fuse_daemons(os.path.join(work, "fuse"))
@@ -315,11 +316,14 @@ class Storms:
         for path in paths:
             self.xsd.rm("/local/domain/0/" + path)
             self.xsd.rm("/local/domain/%s" % path.split("/")[2])
-        add = Phase(sum(isinstance(r, float) for r in added), add_wall, add_cpu + middle - before, add_mem,
+        add = Phase(sum(isinstance(r, float) for r in added), add_wall, add_cpu + middle, add_mem,
                     _errors(added), [r for r in added if isinstance(r, float)])
         remove = Phase(sum(isinstance(r, float) for r in removed), remove_wall, tracker.cpu - add_cpu + after - middle,
                        remove_mem, _errors(removed), [r for r in removed if isinstance(r, float)])
         notes = []
+        if service:
+            notes.append("service: %.2f CPU-s from its start to the end of the add storm, %.2f in the remove storm"
+                         " (in the figures above)" % (middle, after - middle))
         if service_note:
             notes.append(service_note)
         if mode == "in-process" and os.path.exists(sock):
@@ -412,6 +416,7 @@ class Service:
                                      env=env, cwd="/", stdin=subprocess.DEVNULL, stdout=self.log,
                                      stderr=subprocess.STDOUT, start_new_session=True)
         self.pid = self.proc.pid
+        self.last_cpu = 0.0
         with LIVE_LOCK:
             LIVE.add(self.pid)
         deadline = time.monotonic() + 20
@@ -431,7 +436,9 @@ class Service:
                 return False
 
     def cpu(self):
-        return proc_cpu(self.pid) or 0.0
+        """Its CPU so far (the last reading if it is gone: its state() then says so)."""
+        self.last_cpu = proc_cpu(self.pid) or self.last_cpu
+        return self.last_cpu
 
     def state(self):
         code = self.proc.poll()
@@ -537,6 +544,9 @@ def main():
     sizes = sorted(set(v for group in (args.n or [[16, 64, 128]]) for v in group))
     modes = ["in-process", "service"] if args.mode == "both" else [args.mode]
     signal.signal(signal.SIGTERM, _terminate)
+    # Every concurrent run holds a few descriptors here (output files, the double's sockets).
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     work = tempfile.mkdtemp(prefix="brbd-storm-")
     try:
         with TestCluster(os.path.join(work, "ceph")) as cluster, \
