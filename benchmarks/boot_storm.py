@@ -115,6 +115,7 @@ def spawn(argv, tracker, env, timeout):
             LIVE.add(proc.pid)
         tracker.started(proc.pid)
         timer = threading.Timer(timeout, _kill_group, (proc.pid,))
+        timer.daemon = True
         timer.start()
         try:
             _pid, status, usage = os.wait4(proc.pid, 0)
@@ -498,13 +499,13 @@ def report(n, mode, floor, result):
         print("  " + result)
         return
     add, remove, notes = result
-    print("  %-7s %9s %9s %7s %14s %13s" % ("", "ok", "wall s", "ratio", "CPU-s/disk", "peak PSS MiB"))
+    print("  %-11s %7s %8s %7s %11s %13s" % ("", "ok", "wall s", "ratio", "CPU-s/disk", "peak PSS MiB"))
     for label, base in (("floor map", floor["map"]), ("floor unmap", floor["unmap"])):
-        print("  %-11s %5s %9.2f %7s %14.4f %13.1f" % (label, "%d/%d" % (base.ok, n), base.wall, "",
+        print("  %-11s %7s %8.2f %7s %11.4f %13.1f" % (label, "%d/%d" % (base.ok, n), base.wall, "",
                                                       base.cpu / n, base.peak_mib))
     for label, phase, base in (("add", add, floor["map"]), ("remove", remove, floor["unmap"])):
         ratio = phase.wall / base.wall if base.wall else float("nan")
-        print("  %-11s %5s %9.2f %6.2fx %14.4f %13.1f" % (label, "%d/%d" % (phase.ok, n), phase.wall, ratio,
+        print("  %-11s %7s %8.2f %6.2fx %11.4f %13.1f" % (label, "%d/%d" % (phase.ok, n), phase.wall, ratio,
                                                          phase.cpu / n, phase.peak_mib))
         if phase.latencies:
             print("  %-11s per run: median %.2f s, max %.2f s" % ("", statistics.median(phase.latencies),
