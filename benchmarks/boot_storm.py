@@ -6,16 +6,21 @@
 Each disk is its own domain's backend, written into the xenstored double the
 way libxl writes it (tests/conftest.py's Libxl), with target
 rbd/bs-MODE-N-I,clone=rbd/golden@base; `scripts/block-rbd add|remove` then
-runs as libxl runs it (env XENBUS_*, stdin /dev/null, cwd /), fuse mapper.
-Against the floor storm of the same run: N concurrent bare maps (rbd-fuse +
-losetup + one xenstore-write), then N bare unmaps.
+runs as libxl runs it (env XENBUS_*, stdin /dev/null, cwd /), fuse mapper,
+the default timeouts.  Against the floor storm of the same run: N concurrent
+bare maps (rbd-fuse + losetup + one xenstore-write), then N bare unmaps.
+
+Modes: `in-process` (BLOCK_RBD_SOCKET names a socket nobody listens on) and
+`service` (`block-rbd service` started for each storm, stopped after it).
 
 CPU of our processes: os.wait4's rusage of every block-rbd process (what it
-waited for included), plus the service's utime+stime+cutime+cstime delta.
+waited for included), plus the service's utime+stime+cutime+cstime since its
+start (cutime/cstime: the commands it ran and reaped, as wait4 counts them).
 rbd-fuse daemons are excluded: they outlive every block-rbd process, so no
 wait4 of ours can contain them (checked and printed for each storm).
 Memory: PSS (/proc/PID/smaps_rollup) of every live block-rbd process and the
-service, summed, sampled every 50 ms; the peak is printed.
+service (not of the short-lived tools they run), summed, sampled every 50 ms;
+the peak is printed.
 
 Starts its own cluster (tools/testcluster.py) and xenstored double, and
 removes them, every mount and every file it made, also on Ctrl-C.  Prints
