@@ -207,7 +207,7 @@ def test_cleanup_ends_before_libxl_kills_the_script():
                 limit(what="undo")
 
 
-def test_cleanup_never_shortens_a_budget_counted_from_the_same_start():
+def test_cleanup_is_counted_from_the_runs_start_not_from_now():
     with budget(used(10, 1)):
         with cleanup():
             assert CLEANUP_END - 1.5 < limit() <= CLEANUP_END - 1
