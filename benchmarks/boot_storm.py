@@ -295,7 +295,8 @@ class Storms:
         def hotplug(command):
             def one(path):
                 run_env = dict(env, XENBUS_PATH=path, XENBUS_TYPE="vbd", XENBUS_BASE_PATH="backend")
-                code, _out, err, secs = spawn([sys.executable, SCRIPT, command], tracker, run_env, HOTPLUG_KILL)
+                # the script itself, as libxl execs it (its #! line and all)
+                code, _out, err, secs = spawn([SCRIPT, command], tracker, run_env, HOTPLUG_KILL)
                 if code == 0 and command == "add" and \
                         self.xsd.read("/local/domain/0/%s/hotplug-status" % path) != "connected":
                     return RuntimeError("exit 0 without hotplug-status=connected")
@@ -418,7 +419,7 @@ class Service:
     def __init__(self, sock, env, work):
         self.sock = sock
         self.log = open(os.path.join(work, "service.log"), "w")
-        self.proc = subprocess.Popen([sys.executable, SCRIPT, "service", "--socket", sock, "--idle", "600"],
+        self.proc = subprocess.Popen([SCRIPT, "service", "--socket", sock, "--idle", "600"],
                                      env=env, cwd="/", stdin=subprocess.DEVNULL, stdout=self.log,
                                      stderr=subprocess.STDOUT, start_new_session=True)
         self.pid = self.proc.pid

@@ -22,6 +22,9 @@ log = logging.getLogger("block-rbd")
 # libxl gives hotplug scripts whatever PATH xl had; the tools we call live here.
 SYSTEM_PATH = ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin")
 
+# Outside any budget (operator commands), an uncapped command still ends.
+DEFAULT_TIMEOUT = 120
+
 # A cephx secret is 40 base64 characters starting with AQ.  Refusing to run a
 # command that carries one keeps a coding mistake from reaching `ps`.
 _SECRET = re.compile(r"AQ[A-Za-z0-9+/]{36,}={0,2}")
@@ -56,8 +59,8 @@ def run(argv, *, timeout=None, check=True, input=None, env=None, quiet=False):
     """Run argv, return a Result.
 
     It may take what is left of the run's budget, and at most `timeout`
-    seconds where the caller caps it (outside a budget: `timeout`, None
-    meaning unbounded).
+    seconds where the caller caps it (outside a budget: `timeout`, else
+    DEFAULT_TIMEOUT).
     `input` (str) is fed on stdin: the channel for anything sensitive.
     With check=True a non-zero exit raises CommandError naming the command
     and the tool's own last line of stderr.
@@ -66,7 +69,7 @@ def run(argv, *, timeout=None, check=True, input=None, env=None, quiet=False):
     for arg in argv:
         if _SECRET.search(arg):
             raise CommandError("refusing to put a cephx secret on a command line: %s" % argv[0])
-    limit = deadline.limit(timeout, what=argv[0])
+    limit = deadline.limit(timeout, DEFAULT_TIMEOUT, what=argv[0])
     started = time.monotonic()
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         try:

@@ -19,6 +19,7 @@ read, a newer one is refused rather than misread.
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import threading
 import time
@@ -29,6 +30,8 @@ from typing import Dict, Optional
 from . import deadline
 from .errors import LockTimeout, StateError
 from .target import parse_spec
+
+log = logging.getLogger("block-rbd")
 
 RECORD_VERSION = 2
 
@@ -167,15 +170,28 @@ class LocalState:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._path(spec, read_only))
 
-    def records(self):
-        """Every mapping record on this host (for showmapped, status and doctor)."""
-        return [MapRecord.from_json(data, path) for path, data in _read_all(self.maps_dir)]
+    def records(self, strict=False):
+        """Every mapping record on this host (for showmapped, status and doctor).
+
+        One written by a newer block-rbd is left out with a warning, or, when
+        `strict`, refused (StateError): what depends on every holder must not
+        go on without one.
+        """
+        found = []
+        for path, data in _read_all(self.maps_dir):
+            try:
+                found.append(MapRecord.from_json(data, path))
+            except StateError as exc:
+                if strict:
+                    raise
+                log.warning("%s", exc)
+        return found
 
     def holders_of_image(self, spec):
         """Every holder name of any mapping of the image `spec` (any snapshot, any mode)."""
         head = str(spec.head())
         names = set()
-        for record in self.records():
+        for record in self.records(strict=True):
             if str(record.spec.head()) == head:
                 names.update(record.holders)
         return names
@@ -195,7 +211,12 @@ class LocalState:
 
     def pending(self):
         """Every release still to do in Ceph, oldest first."""
-        items = [PendingRelease.from_json(data, path) for path, data in _read_all(self.pending_dir)]
+        items = []
+        for path, data in _read_all(self.pending_dir):
+            try:
+                items.append(PendingRelease.from_json(data, path))
+            except StateError as exc:
+                log.warning("%s", exc)
         return sorted(items, key=lambda p: (p.since, p.image, p.holder))
 
 

@@ -5,7 +5,7 @@ import os
 
 import click
 
-from .. import attachments, images
+from .. import attachments, deadline, images
 from ..cluster import Cluster
 from ..errors import BlockRbdError
 from ..policy import Request
@@ -26,7 +26,8 @@ def map_cmd(obj, target, mode):
     config = obj.config
     parsed = parse(target, config["pool"])
     mode = parsed.mode or mode
-    with Cluster(config) as cluster:
+    # The same budget as a hotplug run: a map that hangs ends, and cleans up, in time.
+    with Cluster(config) as cluster, deadline.budget(deadline.Deadline(config["timeouts.hotplug"])):
         mapping = attachments.attach(config, cluster, parsed, Request(MANUAL, mode), Registry(config))
     click.echo(mapping.device)
 
@@ -56,7 +57,7 @@ def unmap_cmd(obj, what):
             raise BlockRbdError("%s is attached to %s; detach it with xl block-detach"
                                 % (what, ", ".join(sorted(others))))
         raise BlockRbdError("%s is not mapped by block-rbd map on this host" % what)
-    with Cluster(config) as cluster:
+    with Cluster(config) as cluster, deadline.budget(deadline.Deadline(config["timeouts.hotplug"])):
         for spec, ro in held:
             click.echo("%s (%s): %s" % (spec, "ro" if ro else "rw",
                                          attachments.detach(config, cluster, spec, ro, MANUAL,

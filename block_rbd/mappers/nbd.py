@@ -17,20 +17,57 @@ from .base import Mapper, Mapping, block_read_only
 log = logging.getLogger("block-rbd")
 
 
+# rbd-nbd's own options, and Ceph's common ones, that take the next word as their value.
+_VALUED = frozenset((
+    "-c", "--conf", "-i", "--id", "-n", "--name", "-k", "--keyring", "--cluster", "--device",
+    "--nbds_max", "--max_part", "--timeout", "--io-timeout", "--reattach-timeout",
+    "--encryption-format", "--encryption-passphrase-file", "--cookie", "--snap-id",
+    "--quiesce-hook", "--format"))
+
+
 def spec_of_cmdline(argv):
-    """The image an rbd-nbd daemon serves, from its command line; None if not a map.
+    """The image an rbd-nbd daemon serves, from its command line; None if unsure.
 
     rbd-nbd's own list-mapped reads the same: /proc/PID/cmdline of the pid
-    that /sys/block/nbdN/pid names.  The spec is the command's last
-    argument (how block-rbd and `rbd device map -t nbd` start it).
+    that /sys/block/nbdN/pid names.  The spec is the first word after the
+    command (map/attach) that is neither an option nor an option's value;
+    block-rbd, like `rbd device map -t nbd`, puts it right after the command.
+    Should an option we do not know stand before it, the answer is None:
+    missing a mapping is safe, naming the wrong image is not.
     """
-    words = [w for w in argv[1:] if w]
-    if not words or not any(w in ("map", "attach") for w in words) or words[-1].startswith("-"):
-        return None
-    try:
-        return parse_spec(words[-1], default_pool="rbd")  # rbd-nbd's default pool
-    except TargetError:
-        return None
+    rest = iter(argv[1:])
+    command = None
+    for word in rest:
+        if not word:
+            continue
+        if word.startswith("-"):
+            if "=" in word or word in _FLAGS:
+                continue
+            if word in _VALUED:
+                next(rest, None)
+                continue
+            return None  # unknown: its value, if any, could look like a spec
+        if command is None:
+            if word not in ("map", "attach"):
+                return None
+            command = word
+            continue
+        try:
+            return parse_spec(word, default_pool="rbd")  # rbd-nbd's default pool
+        except TargetError:
+            return None
+    return None
+
+
+# Options that take the next word as their value (rbd-nbd's own and Ceph's common ones),
+# and those that take none.
+_VALUED = frozenset((
+    "-c", "--conf", "-i", "--id", "-n", "--name", "-k", "--keyring", "--cluster", "--device",
+    "--nbds_max", "--max_part", "--timeout", "--io-timeout", "--reattach-timeout",
+    "--encryption-format", "--encryption-passphrase-file", "--cookie", "--snap-id",
+    "--quiesce-hook", "--format"))
+_FLAGS = frozenset(("--read-only", "--exclusive", "--notrim", "--try-netlink", "--show-cookie",
+                    "--quiesce", "--pretty-format"))
 
 
 def discover(sys_root="/sys", proc_root="/proc"):
@@ -95,11 +132,12 @@ class NbdMapper(Mapper):
         return discover(self.sys_root, self.proc_root)
 
     def map_argv(self, spec, read_only, options):
-        argv = ["rbd-nbd", "map"] + self._common()
+        # The spec right after `map`: discovery (spec_of_cmdline) finds it there whatever
+        # options follow.
+        argv = ["rbd-nbd", "map", str(spec)] + self._common()
         if read_only:
             argv.append("--read-only")
-        argv += option_args(list(self.config["nbd.options"]) + list(options))
-        return argv + [str(spec)]
+        return argv + option_args(list(self.config["nbd.options"]) + list(options))
 
     def _map(self, spec, read_only, options):
         try:

@@ -291,8 +291,8 @@ def test_a_spec_that_is_not_a_valid_spec_is_ignored(host, mapper):
 def test_map_argv_exactly(mapper, rbd_nbd, host):
     mapping = mapper.map(ImageSpec("rbd", "vm1"), False)
     assert rbd_nbd.calls == [
-        ["rbd-nbd", "map", "-c", "/etc/ceph/c.conf", "--id", "dom0a", "--keyring", "/etc/ceph/dom0a.keyring",
-         "rbd/vm1"],
+        ["rbd-nbd", "map", "rbd/vm1", "-c", "/etc/ceph/c.conf", "--id", "dom0a", "--keyring",
+         "/etc/ceph/dom0a.keyring"],
     ]
     assert mapping.device == "/dev/nbd0" and mapping.mapper == "nbd" and not mapping.read_only
     assert host.connected() == ["nbd0"]
@@ -304,14 +304,15 @@ def test_map_read_only_namespace_snapshot_and_options(host, rbd_nbd):
     NbdMapper(config, sys_root=host.sys_root, proc_root=host.proc_root).map(
         ImageSpec("rbd", "vm1", "tenant", "gold"), True, ("exclusive",))
     assert rbd_nbd.calls[-1] == [
-        "rbd-nbd", "map", "-c", "/c", "--id", "dom0a", "--keyring", "/k", "--read-only",
-        "--try-netlink", "--io-timeout", "30", "--exclusive", "rbd/tenant/vm1@gold"]
+        "rbd-nbd", "map", "rbd/tenant/vm1@gold", "-c", "/c", "--id", "dom0a", "--keyring", "/k", "--read-only",
+        "--try-netlink", "--io-timeout", "30", "--exclusive"]
 
 
 def test_what_map_starts_is_found_by_discovery(host, config, rbd_nbd):
-    """Every argv block-rbd starts rbd-nbd with is recognised from the daemon's /proc entries."""
+    """Every argv block-rbd starts rbd-nbd with is recognised from the daemon's /proc entries,
+    map options unknown to the parser included (the spec comes before them)."""
     config = from_dict({"ceph": {"conf": "/c", "id": "dom0a", "keyring": "/k"},
-                        "nbd": {"options": ["try_netlink", "io_timeout=30"]}})
+                        "nbd": {"options": ["try_netlink", "io_timeout=30", "some_new_option=7"]}})
     mapper = NbdMapper(config, sys_root=host.sys_root, proc_root=host.proc_root)
     specs = [(ImageSpec("rbd", "vm1"), False, ()), (ImageSpec("rbd", "vm1"), True, ()),
              (ImageSpec("rbd", "vm1", "tenant", "gold"), True, ("exclusive",)),
