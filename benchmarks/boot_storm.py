@@ -13,9 +13,12 @@ bare maps (rbd-fuse + losetup + one xenstore-write), then N bare unmaps.
 Modes: `in-process` (BLOCK_RBD_SOCKET names a socket nobody listens on) and
 `service` (`block-rbd service` started for each storm, stopped after it).
 
-CPU of our processes: os.wait4's rusage of every block-rbd process (what it
-waited for included), plus the service's utime+stime+cutime+cstime since its
-start (cutime/cstime: the commands it ran and reaped, as wait4 counts them).
+CPU, two columns.  "+tools": os.wait4's rusage of every block-rbd process
+(what it waited for included), plus the service's utime+stime+cutime+cstime
+since its start (cutime/cstime: the commands it ran and reaped).  "own":
+block-rbd's own processes only, the scripts and the service's utime+stime
+(service mode; an in-process run's tools cannot be told apart from it, so
+there the target is held against "+tools").
 rbd-fuse daemons are excluded: they outlive every block-rbd process, so no
 wait4 of ours can contain them (checked and printed for each storm).
 Memory: PSS (/proc/PID/smaps_rollup) of every live block-rbd process and the
@@ -174,13 +177,13 @@ class Sampler(threading.Thread):
 
 
 def proc_cpu(pid):
-    """utime+stime+cutime+cstime of a live process, in seconds (None if gone)."""
+    """(utime+stime, utime+stime+cutime+cstime) of a live process, in seconds (None if gone)."""
     try:
         with open("/proc/%d/stat" % pid) as handle:
             fields = handle.read().rsplit(")", 1)[1].split()
     except OSError:
         return None
-    return sum(int(v) for v in fields[11:15]) / TICK
+    return sum(int(v) for v in fields[11:13]) / TICK, sum(int(v) for v in fields[11:15]) / TICK
 
 
 def fuse_daemons(under):
@@ -310,12 +313,12 @@ class Storms:
             with Sampler(pids) as add_mem:
                 added, add_wall = storm(hotplug("add"), paths, HOTPLUG_KILL + 30)
             # The service's CPU counts from its start, as if the storm had started it.
-            middle = service.cpu() if service else 0.0
+            middle_own, middle = service.cpu() if service else (0.0, 0.0)
             add_cpu = tracker.cpu
             daemons = fuse_daemons(os.path.join(work, "fuse"))
             with Sampler(pids) as remove_mem:
                 removed, remove_wall = storm(hotplug("remove"), paths, HOTPLUG_KILL + 30)
-            after = service.cpu() if service else 0.0
+            after_own, after = service.cpu() if service else (0.0, 0.0)
             service_note = service.state() if service else None
         finally:
             if service:
@@ -324,13 +327,17 @@ class Storms:
             self.xsd.rm("/local/domain/0/" + path)
             self.xsd.rm("/local/domain/%s" % path.split("/")[2])
         add = Phase(sum(isinstance(r, float) for r in added), add_wall, add_cpu + middle, add_mem,
-                    _errors(added), [r for r in added if isinstance(r, float)])
+                    _errors(added), [r for r in added if isinstance(r, float)],
+                    own=add_cpu + middle_own if service else None)
         remove = Phase(sum(isinstance(r, float) for r in removed), remove_wall, tracker.cpu - add_cpu + after - middle,
-                       remove_mem, _errors(removed), [r for r in removed if isinstance(r, float)])
+                       remove_mem, _errors(removed), [r for r in removed if isinstance(r, float)],
+                       own=tracker.cpu - add_cpu + after_own - middle_own if service else None)
         notes = []
         if service:
             notes.append("service: %.2f CPU-s from its start to the end of the add storm, %.2f in the remove storm"
-                         " (in the figures above)" % (middle, after - middle))
+                         " (in the figures above); of these its own %.2f and %.2f, the rest the tools it ran "
+                         "(xenstore-*, losetup, fusermount, rbd-fuse before it daemonizes)"
+                         % (middle, after - middle, middle_own, after_own - middle_own))
         if service_note:
             notes.append(service_note)
         if mode == "in-process" and os.path.exists(sock):
@@ -387,8 +394,10 @@ class Storms:
 
 
 class Phase:
-    def __init__(self, ok, wall, cpu, sampler, errors, latencies=()):
+    def __init__(self, ok, wall, cpu, sampler, errors, latencies=(), own=None):
         self.ok, self.wall, self.cpu, self.errors = ok, wall, cpu, errors
+        # block-rbd's own processes only (the scripts and the service itself), where it can be told
+        self.own = own
         self.peak_mib = sampler.peak_kib / 1024.0
         self.sampler_cpu = sampler.cpu
         self.latencies = list(latencies)
@@ -423,7 +432,7 @@ class Service:
                                      env=env, cwd="/", stdin=subprocess.DEVNULL, stdout=self.log,
                                      stderr=subprocess.STDOUT, start_new_session=True)
         self.pid = self.proc.pid
-        self.last_cpu = 0.0
+        self.last_cpu = (0.0, 0.0)
         with LIVE_LOCK:
             LIVE.add(self.pid)
         deadline = time.monotonic() + 20
@@ -444,7 +453,7 @@ class Service:
 
     def cpu(self):
         """Its CPU so far (the last reading if it is gone: its state() then says so)."""
-        self.last_cpu = proc_cpu(self.pid) or self.last_cpu
+        self.last_cpu = proc_cpu(self.pid) or self.last_cpu  # (own, with the tools it ran)
         return self.last_cpu
 
     def state(self):
@@ -505,14 +514,17 @@ def report(n, mode, floor, result):
         print("  " + result)
         return
     add, remove, notes = result
-    print("  %-11s %7s %8s %7s %11s %13s" % ("", "ok", "wall s", "ratio", "CPU-s/disk", "peak PSS MiB"))
+    print("  %-11s %7s %8s %7s %11s %11s %13s" % ("", "ok", "wall s", "ratio", "own CPU-s", "+tools CPU-s",
+                                                 "peak PSS MiB"))
+    print("  %-11s %7s %8s %7s %11s %11s" % ("", "", "", "", "per disk", "per disk"))
     for label, base in (("floor map", floor["map"]), ("floor unmap", floor["unmap"])):
-        print("  %-11s %7s %8.2f %7s %11.4f %13.1f" % (label, "%d/%d" % (base.ok, n), base.wall, "",
-                                                      base.cpu / n, base.peak_mib))
+        print("  %-11s %7s %8.2f %7s %11s %11.4f %13.1f" % (label, "%d/%d" % (base.ok, n), base.wall, "", "",
+                                                           base.cpu / n, base.peak_mib))
     for label, phase, base in (("add", add, floor["map"]), ("remove", remove, floor["unmap"])):
         ratio = phase.wall / base.wall if base.wall else float("nan")
-        print("  %-11s %7s %8.2f %6.2fx %11.4f %13.1f" % (label, "%d/%d" % (phase.ok, n), phase.wall, ratio,
-                                                         phase.cpu / n, phase.peak_mib))
+        own = "%.4f" % (phase.own / n) if phase.own is not None else "-"
+        print("  %-11s %7s %8.2f %6.2fx %11s %11.4f %13.1f" % (label, "%d/%d" % (phase.ok, n), phase.wall, ratio,
+                                                              own, phase.cpu / n, phase.peak_mib))
         if phase.latencies:
             print("  %-11s per run: median %.2f s, max %.2f s" % ("", statistics.median(phase.latencies),
                                                                    max(phase.latencies)))
@@ -524,11 +536,16 @@ def report(n, mode, floor, result):
           % (n, n, verdict(add.ok == n and remove.ok == n), TARGET_WALL,
              verdict(add.wall <= TARGET_WALL * floor["map"].wall),
              verdict(remove.wall <= TARGET_WALL * floor["unmap"].wall), TARGET_CPU,
-             verdict(add.cpu / n <= TARGET_CPU), verdict(remove.cpu / n <= TARGET_CPU), TARGET_PSS_MIB,
+             verdict(_own(add) / n <= TARGET_CPU), verdict(_own(remove) / n <= TARGET_CPU), TARGET_PSS_MIB,
              "" if n == 128 else " (set for N = 128)", verdict(peak <= TARGET_PSS_MIB)))
     print("  sampler's own CPU: %.2f s (add), %.2f s (remove)" % (add.sampler_cpu, remove.sampler_cpu))
     for note in notes:
         print("  " + note)
+
+
+def _own(phase):
+    """Our own processes' CPU where it can be told apart, else everything (in-process runs)."""
+    return phase.own if phase.own is not None else phase.cpu
 
 
 def counts(text):
@@ -547,6 +564,7 @@ def main():
     parser.add_argument("--n", type=counts, action="append", help="storm sizes, e.g. --n 16 --n 64 or --n 16,64 "
                         "(default 16,64,128)")
     parser.add_argument("--mode", choices=("in-process", "service", "both"), default="both")
+    parser.add_argument("--logs", metavar="DIR", help="keep each storm's xen-hotplug.log here")
     args = parser.parse_args()
     sizes = sorted(set(v for group in (args.n or [[16, 64, 128]]) for v in group))
     modes = ["in-process", "service"] if args.mode == "both" else [args.mode]
@@ -588,6 +606,10 @@ def main():
         return 130
     finally:
         kill_all()
+        if args.logs:
+            for log in glob.glob(os.path.join(work, "*", "xen-hotplug.log")):
+                os.makedirs(args.logs, exist_ok=True)
+                shutil.copy(log, os.path.join(args.logs, os.path.basename(os.path.dirname(log)) + ".log"))
         shutil.rmtree(work, ignore_errors=True)
     return 0
 

@@ -171,16 +171,20 @@ def detach(config, cluster, spec, read_only, holder, registry):
 def release_pending(config, cluster, registry):
     """Finish the cluster-wide releases earlier runs left pending; (done, still pending).
 
-    Stops at the first one Ceph does not answer: the rest would wait for the
-    same cluster.  A release whose holder is back in a record here (re-attached,
-    or its remove failed before letting go) is moot and just forgotten.
+    A release whose image another run holds locked right now is that run's
+    own, in flight: left to it.  One whose holder is back in a record here
+    (re-attached, or its remove failed before letting go) is moot and just
+    forgotten.  Stops at the first one Ceph does not answer: the rest would
+    wait for the same cluster.
     """
     state = local_state(config)
     done = []
     items = state.pending()
     for index, item in enumerate(items):
         spec = item.spec
-        with state.lock(spec):
+        with state.lock(spec, wait=False) as held:
+            if not held or not state.is_pending(spec, item.holder):
+                continue  # in flight in another run, or finished by it meanwhile
             if item.holder in state.holders_of_image(spec):
                 state.release_done(spec, item.holder)
                 continue

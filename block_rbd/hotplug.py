@@ -115,7 +115,7 @@ def remove(config, backend, cluster):
 
 def _finish_pending(config, cluster):
     """Complete earlier runs' pending releases, when this run reached the cluster anyway."""
-    if not cluster.connected:
+    if not cluster.connected or not attachments.local_state(config).pending():
         return
     try:
         done, left = attachments.release_pending(config, cluster, Registry(config))

@@ -43,6 +43,9 @@ ENV_SOCKET = "BLOCK_RBD_SOCKET"
 PROTOCOL = "1"
 SD_LISTEN_FDS_START = 3
 IDLE = 120  # seconds without a request before the service exits (systemd starts it again on demand)
+# Runs at once; the others wait their turn (their budgets keep counting).  A boot storm of
+# hundreds gains nothing from more on a dom0 of a few vCPUs, and each costs memory.
+WORKERS = 32
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 
@@ -89,11 +92,12 @@ class Service:
         self.lock = threading.Lock()
         self.stopping = threading.Event()
         self.capture = _Capture()
+        self.workers = threading.BoundedSemaphore(WORKERS)
 
     def serve(self):
         log.addHandler(self.capture)
         self.listener.settimeout(1.0)
-        log.info("service: serving hotplug runs on %s (pid %d)", _name(self.listener), os.getpid())
+        log.info("serving hotplug runs on %s (pid %d)", _name(self.listener), os.getpid())
         try:
             while not self.stopping.is_set():
                 try:
@@ -101,7 +105,7 @@ class Service:
                 except socket.timeout:
                     with self.lock:
                         if self.busy == 0 and time.monotonic() - self.last > self.idle:
-                            log.info("service: idle for %d s; exiting", self.idle)
+                            log.info("idle for %d s; exiting", self.idle)
                             break
                     continue
                 except InterruptedError:
@@ -132,7 +136,7 @@ class Service:
                 conn.settimeout(hotplug.deadline.LIBXL_KILL)
                 self._converse(conn)
         except (OSError, ValueError) as exc:
-            log.warning("service: a request ended early: %s", exc)
+            log.warning("a request ended early: %s", exc)
         finally:
             with self.lock:
                 self.busy -= 1
@@ -141,10 +145,12 @@ class Service:
     def _converse(self, conn):
         _pid, uid, _gid = _UCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
         if uid not in (0, os.geteuid()):
-            log.warning("service: refused a request from uid %d", uid)
+            log.warning("refused a request from uid %d", uid)
             return
         fields, rest = read_message(conn, b"")
-        if not fields or len(fields) != 7 or fields[:2] != ["block-rbd", PROTOCOL]:
+        if fields is None:
+            return  # connected and left (a probe)
+        if len(fields) != 7 or fields[:2] != ["block-rbd", PROTOCOL]:
             conn.sendall(encode("decline", "protocol"))
             return
         _magic, _version, command, path, started, config_path, xenstored = fields
@@ -162,8 +168,9 @@ class Service:
         env = dict(os.environ, XENSTORED_PATH=xenstored) if xenstored else None
         self.capture.lines.value = lines = []
         try:
-            code = hotplug.run(command, path, float(started), cluster=self.cluster, xs_env=env,
-                               own_logging=False)
+            with self.workers:
+                code = hotplug.run(command, path, float(started), cluster=self.cluster, xs_env=env,
+                                   own_logging=False)
         finally:
             self.capture.lines.value = None
         conn.sendall(encode("done", code, *lines))
@@ -215,7 +222,7 @@ def main(socket_path=None, idle=IDLE):
     try:
         service = Service(listener, idle)
     except BlockRbdError as exc:
-        log.error("service: %s", exc)
+        log.error("%s", exc)
         return 1
     signal.signal(signal.SIGTERM, service.stop)
     signal.signal(signal.SIGINT, service.stop)

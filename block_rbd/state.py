@@ -127,11 +127,12 @@ class LocalState:
         self.lock_timeout = lock_timeout
 
     @contextlib.contextmanager
-    def lock(self, spec):
+    def lock(self, spec, wait=True):
         """Exclusive lock on one image (all its snapshots and modes) on this host.
 
         Within a run's budget the wait may take what is left of it; outside
-        one (operator commands) at most lock_timeout.
+        one (operator commands) at most lock_timeout.  With wait=False the
+        body runs at once, told (as the `with` value) whether it holds the lock.
         """
         os.makedirs(self.locks_dir, mode=0o700, exist_ok=True)
         path = os.path.join(self.locks_dir, spec.head().key + ".lock")
@@ -144,11 +145,14 @@ class LocalState:
                 except BlockingIOError:
                     return False
 
+            if not wait:
+                yield attempt()
+                return
             deadline.retry(attempt, what="the local lock of %s" % spec.head(), default=self.lock_timeout,
                            give_up=lambda waited: LockTimeout(
                                "another block-rbd run on this host has held %s for over %.0f s"
                                % (spec.head(), waited)))
-            yield
+            yield True
         finally:
             os.close(fd)  # closing releases the flock
 
@@ -208,6 +212,9 @@ class LocalState:
     def release_done(self, spec, holder):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._pending_path(spec, holder))
+
+    def is_pending(self, spec, holder):
+        return os.path.exists(self._pending_path(spec, holder))
 
     def pending(self):
         """Every release still to do in Ceph, oldest first."""
