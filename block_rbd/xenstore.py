@@ -65,12 +65,6 @@ class Xenstore:
     def _limit(self, tool):
         return deadline.limit(self.timeout, self.DEFAULT_TIMEOUT, tool)
 
-    def read(self, *paths):
-        """Values of all `paths` (one call, one transaction); all must exist."""
-        result = self._run("xenstore-read", *paths)
-        lines = result.stdout.split("\n")
-        return [unescape(line) for line in lines[:len(paths)]]
-
     def read_optional(self, path):
         """The value at `path`, or None when it does not exist."""
         result = self._run("xenstore-read", path, check=False)
@@ -85,26 +79,12 @@ class Xenstore:
             return {}
         return parse_ls(result.stdout, path)
 
-    def list(self, path):
-        """Child names of `path`; [] if `path` is missing."""
-        result = self._run("xenstore-list", path, check=False)
-        if result.returncode != 0:
-            return []
-        return [line for line in result.stdout.split("\n") if line]
-
     def write(self, pairs):
         """Write {path: value} (ordered) in one transaction; values stored verbatim."""
         args = []
         for path, value in pairs.items():
             args += [path, str(value)]
         self._run("xenstore-write", "-R", *args)
-
-    def rm(self, *paths):
-        """Remove paths; a path already gone is not an error."""
-        for path in paths:
-            result = self._run("xenstore-rm", path, check=False)
-            if result.returncode != 0 and self.exists(path):
-                raise XenstoreError("xenstore-rm %s failed: %s" % (path, process.last_line(result.stderr)))
 
     def exists(self, path):
         return self._run("xenstore-exists", path, check=False).returncode == 0
