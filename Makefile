@@ -5,6 +5,7 @@ VENV        ?= .venv
 DESTDIR     ?=
 SCRIPTDIR   ?= /etc/xen/scripts
 CONFDIR     ?= /etc/xen
+UNITDIR     ?= /etc/systemd/system
 # Debian's python3 looks here for locally installed packages.
 PYLIBDIR    ?= $(shell $(PYTHON) -c 'import sys; print("/usr/local/lib/python%d.%d/dist-packages" % sys.version_info[:2])')
 
@@ -13,6 +14,9 @@ PYLIBDIR    ?= $(shell $(PYTHON) -c 'import sys; print("/usr/local/lib/python%d.
 RUNTIME_DEBS = python3 python3-rados python3-rbd python3-click python3-yaml ceph-common fuse rbd-fuse rbd-nbd
 TEST_DEBS    = $(RUNTIME_DEBS) python3-venv ceph-mon ceph-mgr ceph-osd xenstore-utils qemu-utils util-linux kmod
 XEN_DEBS     = qemu-system-x86 iproute2 cpio busybox-static e2fsprogs python3-pytest python3-pytest-mock
+
+# The package and every sub-package (a directory with an __init__.py).
+PACKAGES     = $(patsubst %/,%,$(dir $(wildcard block_rbd/__init__.py block_rbd/*/__init__.py)))
 
 .PHONY: help deps venv install uninstall demo test test-unit test-xen bench clean
 
@@ -40,17 +44,24 @@ $(VENV)/.ready: setup.cfg setup.py
 
 venv: $(VENV)/.ready
 
+# The old tree goes first: a module that became a package (backup.py, cli.py) must not linger.
 install:
-	install -d $(DESTDIR)$(PYLIBDIR)/block_rbd/mappers $(DESTDIR)$(SCRIPTDIR)
-	install -m 0644 block_rbd/*.py $(DESTDIR)$(PYLIBDIR)/block_rbd/
-	install -m 0644 block_rbd/mappers/*.py $(DESTDIR)$(PYLIBDIR)/block_rbd/mappers/
+	rm -rf $(DESTDIR)$(PYLIBDIR)/block_rbd
+	for pkg in $(PACKAGES); do \
+		install -d $(DESTDIR)$(PYLIBDIR)/$$pkg && install -m 0644 $$pkg/*.py $(DESTDIR)$(PYLIBDIR)/$$pkg/ || exit 1; \
+	done
+	install -d $(DESTDIR)$(SCRIPTDIR)
 	install -m 0755 scripts/block-rbd $(DESTDIR)$(SCRIPTDIR)/block-rbd
 	install -d $(DESTDIR)/usr/local/sbin
 	ln -sf $(SCRIPTDIR)/block-rbd $(DESTDIR)/usr/local/sbin/block-rbd
 	[ -e $(DESTDIR)$(CONFDIR)/block-rbd.yaml ] || install -m 0644 etc/block-rbd.yaml $(DESTDIR)$(CONFDIR)/block-rbd.yaml
+	install -d $(DESTDIR)$(UNITDIR)
+	install -m 0644 etc/systemd/*.socket etc/systemd/*.service etc/systemd/*.timer $(DESTDIR)$(UNITDIR)/
+	@echo "systemd dom0: systemctl daemon-reload && systemctl enable --now block-rbd.socket block-rbd-release-pending.timer"
 
 uninstall:
 	rm -rf $(DESTDIR)$(PYLIBDIR)/block_rbd $(DESTDIR)$(SCRIPTDIR)/block-rbd $(DESTDIR)/usr/local/sbin/block-rbd
+	rm -f $(addprefix $(DESTDIR)$(UNITDIR)/,$(notdir $(wildcard etc/systemd/*)))
 
 demo: deps
 	$(PYTHON) tools/demo.py

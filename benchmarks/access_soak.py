@@ -37,6 +37,7 @@ def racer(cfg_values, image, rounds, barrier, results, index):
     from block_rbd.cluster import Cluster
     from block_rbd.config import Config
     from block_rbd.errors import AccessDenied
+    from block_rbd.policy import Request
     from block_rbd.registry import Registry
     from block_rbd.target import parse_spec
 
@@ -51,8 +52,8 @@ def racer(cfg_values, image, rounds, barrier, results, index):
             barrier.wait(timeout=120)
             started = time.monotonic()
             try:
-                registry.acquire(cluster, spec, "w", holder, {"vm": "vm-%d" % index, "domid": index + 1,
-                                                               "devid": 51712})
+                registry.acquire(cluster, spec, Request(holder, "w", vm="vm-%d" % index, domid=str(index + 1),
+                                                        devid="51712"))
                 won = True
             except AccessDenied:
                 won = False

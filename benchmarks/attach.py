@@ -24,6 +24,7 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "tools"), os.path.join(ROOT, "tests")]
 
 from block_rbd import config as config_mod  # noqa: E402
 from block_rbd import mappers  # noqa: E402
+from floor import floor_map, floor_unmap  # noqa: E402
 from testcluster import TestCluster  # noqa: E402
 from xenstored import XenstoredDouble  # noqa: E402
 
@@ -73,30 +74,16 @@ class Bench:
 
     def floor(self, mapper, image, path):
         """The bare map command(s) of this mapper, then one xenstore-write; unmapped after."""
-        spec = self.cluster.pool + "/" + image
+        point = os.path.join(self.work, "floor-mnt")
         started = time.monotonic()
-        if mapper.name == "fuse":
-            point = os.path.join(self.work, "floor-mnt")
-            os.makedirs(point, exist_ok=True)
-            run(["rbd-fuse", "-c", self.cluster.conf, "--id", self.cluster.user, "--keyring",
-                 self.cluster.user_keyring, "-p", self.cluster.pool, "-r", image, point])
-            device = run(["losetup", "--find", "--show", os.path.join(point, image)]).stdout.strip()
-        elif mapper.name == "nbd":
-            device = run(["rbd-nbd", "map", "-c", self.cluster.conf, "--id", self.cluster.user,
-                          "--keyring", self.cluster.user_keyring, spec]).stdout.strip()
-        else:
-            device = run(["rbd", "device", "map", "-o", "noudev", "-c", self.cluster.conf, "--id",
-                          self.cluster.user, "--keyring", self.cluster.user_keyring, spec]).stdout.strip()
-        run(["xenstore-write", path + "/physical-device-path", device], env=self.env)
+        device = floor_map(mapper.name, self.cluster, image, point, path, self.env, self.run_stdout)
         elapsed = time.monotonic() - started
-        if mapper.name == "fuse":
-            run(["losetup", "--detach", device])
-            run(["fusermount", "-u", point])
-        elif mapper.name == "nbd":
-            run(["rbd-nbd", "unmap", device])
-        else:
-            run(["rbd", "device", "unmap", "-o", "noudev", device])
+        floor_unmap(mapper.name, device, point, self.run_stdout)
         return elapsed
+
+    @staticmethod
+    def run_stdout(argv, env=None):
+        return run(argv, env=env).stdout
 
 
 def create_images(cluster, names):

@@ -30,6 +30,8 @@ from testcluster import TestCluster  # noqa: E402
 from block_rbd import attachments, backup, process  # noqa: E402
 from block_rbd import config as config_mod  # noqa: E402
 from block_rbd.cluster import Cluster  # noqa: E402
+from block_rbd.policy import Request  # noqa: E402
+from block_rbd.registry import Registry  # noqa: E402
 from block_rbd.target import ImageSpec, parse  # noqa: E402
 
 MiB, GiB = 1 << 20, 1 << 30
@@ -124,7 +126,8 @@ def bench_clone_attach(tc, ioctx, work, rounds):
     from conftest import write_config
     write_config(path, tc, work)
     config = config_mod.load(path)
-    info = {"host": "bench", "vm": None, "domid": None, "devid": None, "backend": None}
+    request = Request("bench", "w")
+    registry = Registry(config)
     print("\nclone-on-attach (fuse mapper, median of %d) vs attaching an existing image:" % rounds)
     rbd.RBD().create(ioctx, "existing", GiB, old_format=False)
     for golden_size in (GiB, 100 * GiB):
@@ -134,11 +137,11 @@ def bench_clone_attach(tc, ioctx, work, rounds):
         with Cluster(config) as cluster:
             for i in range(rounds):
                 target = parse("%s/vm%d-%s,clone=%s/%s@snap" % (tc.pool, i, gold, tc.pool, gold))
-                clone_times.append(timed(attachments.attach, config, cluster, target, "w", "bench", info))
-                attachments.detach(config, cluster, target.spec, False, "bench")
+                clone_times.append(timed(attachments.attach, config, cluster, target, request, registry))
+                attachments.detach(config, cluster, target.spec, False, "bench", registry)
                 existing = parse("%s/existing" % tc.pool)
-                plain_times.append(timed(attachments.attach, config, cluster, existing, "w", "bench", info))
-                attachments.detach(config, cluster, existing.spec, False, "bench")
+                plain_times.append(timed(attachments.attach, config, cluster, existing, request, registry))
+                attachments.detach(config, cluster, existing.spec, False, "bench", registry)
         row("  golden %3d GiB: attach with clone= vs existing" % (golden_size // GiB),
             statistics.median(clone_times), statistics.median(plain_times), target="target 0.90-1.10x")
 

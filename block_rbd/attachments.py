@@ -1,16 +1,21 @@
 """Attach and detach on this host: the engine under `add`, `remove` and `map`.
 
 attach: check the image, record the holder (intent), register cluster-wide,
-map (or reuse the existing mapping); undo in reverse order on any failure.
-detach: drop the holder; the last holder out unmaps and deregisters.
+map (or reuse the existing mapping), publish; undo in reverse order on any
+failure, all in one place.
+detach: drop the holder; the last holder out unmaps.  Local work first: the
+unmap needs no cluster.  The cluster-wide release is recorded as pending
+before it is tried, so a cluster that is down (or a run that is killed)
+leaves a release for the next run here to finish, never a registration that
+nobody on this host remembers.
 """
 
 import logging
 import time
 
-from . import mappers
-from .errors import BlockRbdError, FeaturesUnsupported
-from .state import LocalState, new_record
+from . import deadline, mappers
+from .errors import BlockRbdError, ClusterError, FeaturesUnsupported, HotplugTimeout
+from .state import Holder, LocalState, MapRecord
 from .target import parse_spec
 from .target import read_only as is_read_only
 
@@ -24,14 +29,15 @@ def local_state(config):
     return LocalState(config["state_dir"], config["timeouts.lock"])
 
 
-def attach(config, cluster, target, mode, holder, info, registry=None):
-    """Map target.spec for `holder` in `mode`; returns the Mapping.
+def attach(config, cluster, target, request, registry, publish=None):
+    """Map target.spec for `request` (a policy.Request); returns the Mapping.
 
-    `registry` (cluster-wide access modes) is consulted before mapping and
-    told about the mapping afterwards; None means no cluster-wide check.
+    `registry` is consulted before mapping and told about the mapping after;
+    `publish(mapping)` (hotplug: the backend's physical-device) is the last
+    step, undone with the rest if it fails.
     """
     spec = target.spec
-    read_only = is_read_only(mode)
+    read_only = is_read_only(request.mode)
     if target.clone:
         # clone= : create the image from the golden snapshot on first attach.
         from . import images
@@ -40,35 +46,39 @@ def attach(config, cluster, target, mode, holder, info, registry=None):
         cluster.check_image(spec)
     state = local_state(config)
     with state.lock(spec):
-        record = state.load(spec, read_only) or new_record(spec, read_only)
-        record["holders"][holder] = dict(info, mode=mode, since=int(time.time()))
-        state.save(spec, read_only, record)
+        record = state.load(spec, read_only) or MapRecord(str(spec), read_only)
+        record.hold(request.holder, Holder(request.mode, int(time.time()), request.vm, request.domid,
+                                           request.devid))
+        state.save(record)
         registered = False
         try:
-            if registry is not None:
-                registry.acquire(cluster, spec, mode, holder, info)
-                registered = True
+            token = registry.acquire(cluster, spec, request, state.holders_of_image(spec))
+            registered = True
+            # Our key now holds the new registration: an older release of it is moot.
+            state.release_done(spec, request.holder)
             mapping = _map(config, cluster, target, read_only, record)
-            record["mapper"], record["device"] = mapping.mapper, mapping.device
-            state.save(spec, read_only, record)
-            if registry is not None:
-                registry.mapped(cluster, spec, holder, mapping)
+            record.mapped_by(mapping.mapper, mapping.device)
+            state.save(record)
+            registry.mapped(cluster, spec, token, mapping)
+            if publish is not None:
+                publish(mapping)
         except BaseException:
-            _undo(config, cluster, state, spec, read_only, holder, registry if registered else None)
+            with deadline.cleanup():
+                _drop(config, cluster, state, spec, read_only, request.holder, registry if registered else None)
             raise
     return mapping
 
 
 def _map(config, cluster, target, read_only, record):
-    if record["mapper"]:
+    if record.mapper:
         # Another holder already mapped this image in this mode: share it.
-        mapper = mappers.get(record["mapper"], config, cluster)
+        mapper = mappers.get(record.mapper, config, cluster)
     else:
         mapper = mappers.choose(config, target.mapper, cluster)
     try:
         return mapper.map(target.spec, read_only, _options(config, mapper.name, read_only, target))
     except FeaturesUnsupported as exc:
-        if target.mapper or config["mapper"] != "auto" or record["mapper"]:
+        if target.mapper or config["mapper"] != "auto" or record.mapper:
             raise
         fallback = mappers.get("nbd", config, cluster)
         if fallback.unavailable():
@@ -82,25 +92,52 @@ def _options(config, mapper_name, read_only, target):
     options = tuple(target.map_options)
     if (config["access.exclusive_map"] and not read_only and mapper_name in ("krbd", "nbd")
             and "exclusive" not in options):
-        options += ("exclusive",)  # the lock is never handed over: see docs/access-modes.rst
+        options += ("exclusive",)  # the lock is never handed over: see README.rst, access modes
     return options
 
 
-def _undo(config, cluster, state, spec, read_only, holder, registry):
-    """Reverse a partial attach; report, never mask, a failure while undoing."""
-    record = state.load(spec, read_only)
+def _drop(config, cluster, state, spec, read_only, holder, registry):
+    """Undo a partial attach (under the image's lock); report, never mask, a failure."""
     try:
-        if record is not None:
-            record["holders"].pop(holder, None)
-            if record["holders"]:
-                state.save(spec, read_only, record)
-            else:
-                _unmap_all(config, cluster, spec, read_only, record["mapper"])
-                state.delete(spec, read_only)
-        if registry is not None:
-            registry.release(cluster, spec, holder)
+        _let_go(config, cluster, state, spec, read_only, holder, registry)
     except BlockRbdError as exc:
         log.error("cleanup after a failed attach of %s left something behind: %s", spec, exc)
+
+
+def _let_go(config, cluster, state, spec, read_only, holder, registry):
+    """Drop `holder` here, unmap if it was the last, then release it cluster-wide.
+
+    The pending release is written first: from then on either the record or
+    the pending release names the registration, whatever kills us.
+    """
+    record = state.load(spec, read_only)
+    if registry is not None and not spec.snap:
+        state.pend_release(spec, holder)
+    done = "nothing to do"
+    if record is not None and record.drop(holder):
+        if record.holders:
+            state.save(record)
+            done = "still used by %s" % ", ".join(sorted(record.holders))
+        else:
+            _unmap_all(config, cluster, spec, read_only, record.mapper)
+            state.delete(spec, read_only)
+            done = "unmapped %s" % (record.device or spec)
+    if registry is not None and not spec.snap:
+        if not _release(cluster, state, registry, spec, holder):
+            done += "; cluster-wide release pending"
+    return done
+
+
+def _release(cluster, state, registry, spec, holder):
+    """Release the registration in Ceph; False (and the release stays pending) if Ceph did not answer."""
+    try:
+        registry.release(cluster, spec, holder)
+    except (ClusterError, HotplugTimeout) as exc:
+        log.warning("%s: the cluster-wide release of %s is pending (%s); the next block-rbd run that "
+                    "reaches the cluster completes it (or: block-rbd release-pending)", spec.head(), holder, exc)
+        return False
+    state.release_done(spec, holder)
+    return True
 
 
 def _unmap_all(config, cluster, spec, read_only, mapper_name):
@@ -117,37 +154,61 @@ def _unmap_all(config, cluster, spec, read_only, mapper_name):
             mapper.discard_partial(spec, read_only)
 
 
-def detach(config, cluster, spec, read_only, holder, registry=None):
-    """Drop `holder`; unmap when it was the last.  Returns what was done, for the log."""
+def detach(config, cluster, spec, read_only, holder, registry):
+    """Drop `holder`; unmap when it was the last.  Returns what was done, for the log.
+
+    With nothing recorded for `holder` here, the cluster is not contacted.
+    """
     state = local_state(config)
     with state.lock(spec):
         record = state.load(spec, read_only)
-        if record is None or holder not in record["holders"]:
-            # Nothing recorded for us: a failed add that cleaned up, or a repeat remove.
-            if registry is not None:
-                registry.release(cluster, spec, holder)
+        if record is None or holder not in record.holders:
+            # A failed add that cleaned up, or a repeat remove.
             return "nothing to do"
-        del record["holders"][holder]
-        if record["holders"]:
-            state.save(spec, read_only, record)
-            if registry is not None:
-                registry.release(cluster, spec, holder)
-            return "still used by %s" % ", ".join(sorted(record["holders"]))
-        _unmap_all(config, cluster, spec, read_only, record["mapper"])
-        state.delete(spec, read_only)
-        if registry is not None:
-            registry.release(cluster, spec, holder)
-        return "unmapped %s" % (record["device"] or spec)
+        return _let_go(config, cluster, state, spec, read_only, holder, registry)
+
+
+def release_pending(config, cluster, registry):
+    """Finish the cluster-wide releases earlier runs left pending; (done, still pending).
+
+    A release whose image another run holds locked right now is that run's
+    own, in flight: left to it.  One whose holder is back in a record here
+    (re-attached, or its remove failed before letting go) is moot and just
+    forgotten.  Stops at the first one Ceph does not answer: the rest would
+    wait for the same cluster.
+    """
+    state = local_state(config)
+    done = []
+    items = state.pending()
+    for index, item in enumerate(items):
+        spec = item.spec
+        with state.lock(spec, wait=False) as held:
+            if not held or not state.is_pending(spec, item.holder):
+                continue  # in flight in another run, or finished by it meanwhile
+            if item.holder in state.holders_of_image(spec):
+                state.release_done(spec, item.holder)
+                continue
+            if not _release(cluster, state, registry, spec, item.holder):
+                return done, items[index:]
+        done.append(item)
+        log.info("completed the pending cluster-wide release of %s by %s", spec, item.holder)
+    return done, []
 
 
 def holders_of(config, spec, read_only):
+    """{holder name: Holder} of this host's mapping of spec in that mode."""
     record = local_state(config).load(spec, read_only)
-    return dict(record["holders"]) if record else {}
+    return dict(record.holders) if record else {}
 
 
 def host_mappings(config):
-    """This host's mappings: what the mappers see, joined with block-rbd's records."""
-    records = {(r["image"], r["read_only"]): r for r in local_state(config).records()}
+    """This host's mappings: what the mappers see, joined with block-rbd's records.
+
+    Cluster-wide releases still pending are rows too (pending_release): what a
+    remove without the cluster left to finish.
+    """
+    state = local_state(config)
+    records = {(r.image, r.read_only): r for r in state.records()}
     rows = []
     for name in mappers.AUTO_ORDER:
         mapper = mappers.get(name, config)
@@ -157,16 +218,20 @@ def host_mappings(config):
             record = records.pop((str(mapping.spec), mapping.read_only), None)
             rows.append(_row(mapping.spec, mapping.read_only, name, mapping.device, record))
     for (image, ro), record in sorted(records.items()):
-        rows.append(_row(parse_spec(image), ro, record["mapper"], None, record))
+        rows.append(_row(parse_spec(image), ro, record.mapper, None, record))
+    for item in state.pending():
+        rows.append(dict(_row(item.spec, None, None, None, None, holders=(item.holder,)),
+                         managed=True, pending_release=True, since=int(item.since)))
     return rows
 
 
-def _row(spec, ro, mapper, device, record):
-    holders = record["holders"] if record else {}
+def _row(spec, ro, mapper, device, record, holders=None):
+    holders = holders if holders is not None else (record.holders if record else {})
     return {
-        "image": str(spec.head()), "snap": spec.snap, "mode": "ro" if ro else "rw",
+        "image": str(spec.head()), "snap": spec.snap, "mode": "-" if ro is None else "ro" if ro else "rw",
         "mapper": mapper, "device": device,
         "backends": sorted(h for h in holders if h != MANUAL),
         "manual": MANUAL in holders,
         "managed": record is not None,
+        "pending_release": False,
     }

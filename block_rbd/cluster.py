@@ -9,7 +9,9 @@ import configparser
 import contextlib
 import errno
 import logging
+import threading
 
+from . import deadline
 from .errors import ClusterError, ImageNotFound
 
 log = logging.getLogger("block-rbd")
@@ -67,19 +69,28 @@ class Cluster:
     def __init__(self, config):
         self.config = config
         self._rados = None
+        self._connecting = threading.Lock()  # the service's threads share one connection
 
     @property
     def rados(self):
         if self._rados is None:
-            self._rados = self._connect()
+            with self._connecting:
+                if self._rados is None:
+                    self._rados = self._connect()
         return self._rados
+
+    @property
+    def connected(self):
+        return self._rados is not None
 
     def _connect(self):
         rados, _rbd = bindings()
         cfg = self.config
         conf = {
             "keyring": cfg.keyring,
-            "client_mount_timeout": str(cfg["timeouts.connect"]),
+            # The cap protects the rest of the budget from a cluster that is down.
+            "client_mount_timeout": str(max(1, int(deadline.limit(cfg["timeouts.connect"],
+                                                                  what="connecting to Ceph")))),
             "rados_mon_op_timeout": str(cfg["timeouts.op"]),
             "rados_osd_op_timeout": str(cfg["timeouts.op"]),
             # A hotplug script must not spend its budget on logs nobody reads.

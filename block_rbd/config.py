@@ -126,6 +126,9 @@ def load(path=None):
         return from_dict({}, path)
     except OSError as exc:
         raise ConfigError("%s: %s" % (path, exc.strerror)) from None
+    cached = _parsed.get(path)
+    if cached is not None and cached[0] == text:
+        return cached[1]  # the service reads the file for every run; parse it once
     import yaml  # only when there is a file to read: keeps `remove` start-up lean
 
     try:
@@ -134,4 +137,9 @@ def load(path=None):
         mark = getattr(exc, "problem_mark", None)
         where = " line %d" % (mark.line + 1) if mark else ""
         raise ConfigError("%s:%s: not valid YAML: %s" % (path, where, getattr(exc, "problem", exc))) from None
-    return from_dict(data, path)
+    config = from_dict(data, path)
+    _parsed[path] = (text, config)
+    return config
+
+
+_parsed = {}  # path -> (the text last parsed, its Config); Config is immutable

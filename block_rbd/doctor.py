@@ -8,6 +8,7 @@ cluster, mappers, Xen, then this host's own records.
 import os
 import shutil
 import stat
+import time
 
 from . import mappers
 from .cluster import Cluster, bindings, keyring_secret, translate
@@ -98,14 +99,19 @@ def check_xen():
 
 
 def check_records(config, xs):
-    """Holders recorded locally whose Xen backend no longer exists."""
+    """Holders recorded locally whose Xen backend no longer exists; releases still pending."""
     from .attachments import local_state
+    state = local_state(config)
     results = []
-    for record in local_state(config).records():
-        for holder in record["holders"]:
+    for record in state.records():
+        for holder in record.holders:
             if holder.startswith("backend/") and xs is not None and not xs.exists(holder):
                 results.append((WARN, "%s is recorded as used by %s, which no longer exists in xenstore"
-                                % (record["image"], holder)))
+                                % (record.image, holder)))
+    for item in state.pending():
+        results.append((WARN, "%s: the cluster-wide release of %s is pending since %s "
+                        "(block-rbd release-pending completes it)"
+                        % (item.image, item.holder, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(item.since)))))
     return results
 
 

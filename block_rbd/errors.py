@@ -67,6 +67,10 @@ class LockTimeout(BlockRbdError):
     """A local lock could not be taken in time."""
 
 
+class StateError(BlockRbdError):
+    """A local record cannot be read safely."""
+
+
 class HotplugTimeout(BlockRbdError):
     """The hotplug run used up its time budget."""
 

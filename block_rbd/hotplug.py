@@ -4,9 +4,15 @@ add:    read the backend (one xenstore call) and the VM's uuid, attach, then
         write physical-device + physical-device-path (+ our private keys) in
         one transaction, then hotplug-status=connected.
 remove: undo what the backend's keys (or, after a killed add, its params)
-        name; idempotent, exit 0 when nothing is mapped.
+        name; local work first, so it needs the cluster only to release the
+        cluster-wide registration, and a cluster that does not answer leaves
+        that release pending instead of failing the remove.
 failure: hotplug-error + hotplug-status=error in one transaction, one line
         in the log and on stderr, exit 1, nothing left behind.
+
+run() is one hotplug run, with one time budget for every step; main() calls
+it in-process, the per-host service (service.py) in one of its threads with
+its shared cluster connection.  Both behave the same.
 """
 
 import logging
@@ -17,11 +23,13 @@ import time
 
 from . import attachments
 from . import config as config_mod
+from . import deadline
 from . import log as log_mod
 from . import process
 from .cluster import Cluster
 from .errors import BlockRbdError, HotplugTimeout, TargetError
 from .mappers.base import device_numbers
+from .policy import Request
 from .registry import Registry
 from .target import effective_mode, parse, parse_spec, read_only
 from .xenstore import Xenstore
@@ -54,11 +62,11 @@ class Backend:
         vm = self.xs.read_optional("/local/domain/%s/vm" % frontend_id)
         return vm.rsplit("/", 1)[-1] if vm else None
 
-    def connected(self, device, mapping, mode):
-        major, minor = device_numbers(device)
+    def connected(self, mapping, mode):
+        major, minor = device_numbers(mapping.device)
         self.xs.write({
             self.key("physical-device"): "%x:%x" % (major, minor),
-            self.key("physical-device-path"): device,
+            self.key("physical-device-path"): mapping.device,
             self.key(KEY_IMAGE): str(mapping.spec),
             self.key(KEY_MODE): mode,
             self.key(KEY_MAPPER): mapping.mapper,
@@ -69,7 +77,7 @@ class Backend:
         self.xs.write({self.key("hotplug-error"): message, self.key("hotplug-status"): "error"})
 
 
-def add(config, backend):
+def add(config, backend, cluster):
     started = time.monotonic()
     keys = backend.read()
     if "physical-device" in keys:
@@ -80,21 +88,15 @@ def add(config, backend):
     target = parse(keys["params"], config["pool"])
     mode = effective_mode(target, keys.get("mode", "r"))
     frontend = keys.get("frontend-id", "")
-    info = {"host": config.host, "vm": backend.vm_uuid(frontend) if frontend else None,
-            "domid": frontend, "devid": backend.devid, "backend": backend.path}
-    registry = Registry(config)
-    with Cluster(config) as cluster:
-        mapping = attachments.attach(config, cluster, target, mode, backend.path, info, registry)
-        try:
-            backend.connected(mapping.device, mapping, mode)
-        except BaseException:
-            attachments.detach(config, cluster, target.spec, read_only(mode), backend.path, registry)
-            raise
+    request = Request(holder=backend.path, mode=mode, vm=backend.vm_uuid(frontend) if frontend else None,
+                      domid=frontend or None, devid=backend.devid)
+    mapping = attachments.attach(config, cluster, target, request, Registry(config),
+                                 publish=lambda m: backend.connected(m, mode))
     log.info("add: %s mode %s -> %s via %s in %.2f s", target.spec, mode, mapping.device,
              mapping.mapper, time.monotonic() - started)
 
 
-def remove(config, backend):
+def remove(config, backend, cluster):
     keys = backend.read()
     if KEY_IMAGE in keys and KEY_MODE in keys:
         spec, mode = parse_spec(keys[KEY_IMAGE]), keys[KEY_MODE]
@@ -107,47 +109,84 @@ def remove(config, backend):
             log.info("remove: nothing was mapped (params %r)", keys.get("params"))
             return
         spec = target.spec
-    with Cluster(config) as cluster:
-        done = attachments.detach(config, cluster, spec, read_only(mode), backend.path, Registry(config))
+    done = attachments.detach(config, cluster, spec, read_only(mode), backend.path, Registry(config))
     log.info("remove: %s mode %s: %s", spec, mode, done)
 
 
-def _on_alarm(_signum, _frame):
-    raise HotplugTimeout("gave up after the hotplug time budget; libxl would kill us at 40 s")
+def _finish_pending(config, cluster):
+    """Complete earlier runs' pending releases, when this run reached the cluster anyway."""
+    if not cluster.connected or not attachments.local_state(config).pending():
+        return
+    try:
+        done, left = attachments.release_pending(config, cluster, Registry(config))
+    except BlockRbdError as exc:
+        log.warning("pending cluster-wide releases not completed: %s", exc)
+        return
+    if left:
+        log.warning("%d cluster-wide release(s) still pending", len(left))
 
 
-def main(command, environ=None):
-    """Entry point for libxl.  Returns the exit code."""
-    environ = os.environ if environ is None else environ
-    process.fix_path(environ)
-    path = environ.get("XENBUS_PATH", "")
-    if command not in ("add", "remove") or not path:
-        sys.stderr.write("block-rbd: usage: XENBUS_PATH=backend/vbd/DOMID/DEVID block-rbd add|remove\n")
-        return 1
+def run(command, path, started=None, cluster=None, xs_env=None, own_logging=True):
+    """One hotplug run for backend `path`; returns the exit code.
+
+    `started`: when the run began (CLOCK_MONOTONIC), for its budget.
+    `cluster`: a shared connection (the service's), else one of our own.
+    own_logging: set up the log handlers from the configuration (in-process);
+    the service has set up its own.
+    """
+    started = time.monotonic() if started is None else started
     log_mod.set_context(path)
-    # Log with the defaults until the configuration is read: a bad config must be logged too.
-    log_mod.setup(config_mod.SCHEMA["log.file"][0])
-    xs = Xenstore()
+    xs = Xenstore(env=xs_env)
     backend = Backend(xs, path)
+    own_cluster = None
     try:
         config = config_mod.load()
-        log_mod.setup(config["log.file"], config["log.syslog"], config["log.verbose"])
-        xs.timeout = config["timeouts.op"]
-        signal.signal(signal.SIGALRM, _on_alarm)
-        signal.alarm(int(config["timeouts.hotplug"]))
-        log.debug("%s: start (XENBUS_PATH=%s)", command, path)
-        (add if command == "add" else remove)(config, backend)
-        signal.alarm(0)
+        if own_logging:
+            log_mod.setup(config["log.file"], config["log.syslog"], config["log.verbose"])
+        if cluster is None:
+            cluster = own_cluster = Cluster(config)
+        with deadline.budget(deadline.Deadline(config["timeouts.hotplug"], started)):
+            log.debug("%s: start (XENBUS_PATH=%s)", command, path)
+            (add if command == "add" else remove)(config, backend, cluster)
+            _finish_pending(config, cluster)
         return 0
     except BlockRbdError as exc:
         message = str(exc)
     except Exception as exc:  # a bug: still tell libxl and the operator, in one line
         log.debug("internal error", exc_info=True)
         message = "internal error: %s: %s" % (type(exc).__name__, " ".join(str(exc).split()))
-    signal.alarm(0)
+    finally:
+        if own_cluster is not None:
+            own_cluster.close()
     log.error("%s failed: %s", command, message)
     try:
-        backend.failed("%s failed: %s" % (command, message))
+        with deadline.budget(deadline.Deadline(deadline.LIBXL_KILL - 1, started)):
+            backend.failed("%s failed: %s" % (command, message))
     except BlockRbdError as exc:
         log.error("could not report the failure in xenstore: %s", exc)
     return 1
+
+
+def _on_alarm(_signum, _frame):
+    # Every step draws on the budget; this fires only if one did not.
+    raise HotplugTimeout("still running %.0f s after start; giving up before libxl's SIGKILL"
+                         % (deadline.CLEANUP_END + 1))
+
+
+def main(command, environ=None, started=None):
+    """Entry point for libxl, in-process.  Returns the exit code."""
+    started = time.monotonic() if started is None else started
+    environ = os.environ if environ is None else environ
+    process.fix_path(environ)
+    path = environ.get("XENBUS_PATH", "")
+    if command not in ("add", "remove") or not path:
+        sys.stderr.write("block-rbd: usage: XENBUS_PATH=backend/vbd/DOMID/DEVID block-rbd add|remove\n")
+        return 1
+    # Log with the defaults until the configuration is read: a bad config must be logged too.
+    log_mod.setup(config_mod.SCHEMA["log.file"][0])
+    signal.signal(signal.SIGALRM, _on_alarm)
+    signal.alarm(int(deadline.CLEANUP_END) + 1)
+    try:
+        return run(command, path, started)
+    finally:
+        signal.alarm(0)

@@ -239,22 +239,30 @@ def snapshot_remove(cluster, spec):
     _op(cluster, spec, "removing snapshot %s" % spec, remove)
 
 
-def rollback(cluster, spec):
-    """Roll the image back to spec.snap; refused while anyone else has it open.
+def refuse_if_attached(spec, holders, watchers):
+    """The one "no rollback while attached" error: registered holders and other watchers."""
+    users = sorted(holders) + (["watched by %s" % ", ".join(sorted(watchers))] if watchers else [])
+    if users:
+        raise ImageInUse("%s is attached (%s): detach it before rolling back" % (spec.head(), ", ".join(users)))
 
-    A watcher is a mapping (krbd, rbd-nbd, rbd-fuse) or another librbd
-    client: rolling back under it would change a mounted filesystem's blocks.
+
+def rollback(cluster, spec, registry):
+    """Roll the image back to spec.snap; refused while it is attached anywhere.
+
+    Rolling back under a user would change a mounted filesystem's blocks.
+    Registrations catch attachments that hold no watch (a stale or read-only
+    mapping elsewhere); watchers catch every open mapping (krbd, rbd-nbd,
+    rbd-fuse) and librbd clients outside block-rbd.
     """
     need_snap(spec, "snapshot rollback")
+    regs, _watchers, _owners = registry.states(cluster, spec.head())
     own = cluster.rados.get_instance_id()
 
     def roll(image):
         if not image.snap_exists(spec.snap):
             raise ImageNotFound("snapshot %s does not exist" % spec)
         others = other_watchers(list(image.watchers_list()), own)
-        if others:
-            raise ImageInUse("%s is attached (watched by %s): detach it before rolling back"
-                             % (spec.head(), ", ".join(sorted(w["addr"] for w in others))))
+        refuse_if_attached(spec, [r.key for r in regs], [w["addr"] for w in others])
         image.rollback_to_snap(spec.snap)
     _op(cluster, spec, "rolling back %s" % spec, roll)
 

@@ -4,6 +4,7 @@ One line per event, prefixed with the backend path when there is one, so
 `grep backend/vbd/5/51712 /var/log/xen/xen-hotplug.log` tells one disk's story.
 """
 
+import contextvars
 import logging
 import logging.handlers
 import os
@@ -12,15 +13,15 @@ import sys
 LOGGER = "block-rbd"
 
 
+# Per thread of the service, per run in-process: contextvars start empty in a new thread.
+_where = contextvars.ContextVar("block_rbd_log_where", default="")
+
+
 class _Context(logging.Filter):
     """Adds the backend path (or the command) to every record."""
 
-    def __init__(self):
-        super().__init__()
-        self.where = ""
-
     def filter(self, record):
-        record.where = self.where
+        record.where = _where.get()
         # One event, one line, whatever the message carried.
         if isinstance(record.msg, str) and "\n" in record.msg:
             record.msg = record.msg.replace("\n", " | ")
@@ -31,7 +32,7 @@ _context = _Context()
 
 
 def set_context(where):
-    _context.where = (where + ": ") if where else ""
+    _where.set((where + ": ") if where else "")
 
 
 def setup(log_file=None, use_syslog=True, verbose=False, stderr_level=logging.WARNING):

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
 from .errors import AccessDenied
+from .target import MODES
 
-MODES = ("r", "w", "r!", "w!")
 DOM0_UUID = "00000000-0000-0000-0000-000000000000"
 
 # A registration's liveness, from the image's watchers.
@@ -47,6 +47,17 @@ def conflicts(requested, existing):
     if requested == "w":
         return True
     return writes(existing)
+
+
+@dataclass(frozen=True)
+class Request:
+    """Who asks to attach: the holder (a backend path, or "manual") and its guest."""
+
+    holder: str
+    mode: str
+    vm: Optional[str] = None
+    domid: Optional[str] = None
+    devid: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -139,6 +150,21 @@ def state_of(registration, watchers, now, grace):
     if registration.client:
         return ALIVE if registration.client in watchers else STALE
     return PENDING if now - registration.since < grace else STALE
+
+
+def with_state(registration, watchers, now, grace):
+    """The registration with its state_of() filled in."""
+    return Registration(**dict(registration.as_record(), state=state_of(registration, watchers, now, grace)))
+
+
+def local_leftovers(registrations, host, local_holders):
+    """Registrations of `host` that no local holder accounts for and no client keeps alive.
+
+    What a run killed (or a remove without the cluster) left behind on this
+    host: this host's to drop, never a reason to refuse itself or to fence.
+    """
+    return [r for r in registrations
+            if r.host == host and r.holder not in local_holders and r.state != ALIVE]
 
 
 def foreign(addresses, registrations, own=()):

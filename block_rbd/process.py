@@ -1,6 +1,7 @@
 """The one place block-rbd starts a subprocess.
 
-Argument lists only (never a shell), a timeout on every call, one log line per
+Argument lists only (never a shell), every call bounded by the run's budget
+(block_rbd.deadline) and by the caller's cap where it gives one, one log line per
 command, and output captured in temporary files rather than pipes: rbd-nbd and
 rbd-fuse fork daemons that inherit stdout, and a pipe would then never close.
 """
@@ -13,12 +14,16 @@ import tempfile
 import time
 from dataclasses import dataclass
 
+from . import deadline
 from .errors import CommandError
 
 log = logging.getLogger("block-rbd")
 
 # libxl gives hotplug scripts whatever PATH xl had; the tools we call live here.
 SYSTEM_PATH = ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin")
+
+# Outside any budget (operator commands), an uncapped command still ends.
+DEFAULT_TIMEOUT = 120
 
 # A cephx secret is 40 base64 characters starting with AQ.  Refusing to run a
 # command that carries one keeps a coding mistake from reaching `ps`.
@@ -44,15 +49,18 @@ def fix_path(environ=os.environ):
     environ["PATH"] = ":".join(parts)
 
 
-def first_line(text):
-    """The last non-empty line of a tool's stderr: where tools put the cause."""
+def last_line(text):
+    """The last non-empty line of a tool's output: where tools put the cause."""
     lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
     return lines[-1] if lines else ""
 
 
-def run(argv, *, timeout, check=True, input=None, env=None, quiet=False):
-    """Run argv, wait at most `timeout` seconds, return a Result.
+def run(argv, *, timeout=None, check=True, input=None, env=None, quiet=False):
+    """Run argv, return a Result.
 
+    It may take what is left of the run's budget, and at most `timeout`
+    seconds where the caller caps it (outside a budget: `timeout`, else
+    DEFAULT_TIMEOUT).
     `input` (str) is fed on stdin: the channel for anything sensitive.
     With check=True a non-zero exit raises CommandError naming the command
     and the tool's own last line of stderr.
@@ -61,6 +69,7 @@ def run(argv, *, timeout, check=True, input=None, env=None, quiet=False):
     for arg in argv:
         if _SECRET.search(arg):
             raise CommandError("refusing to put a cephx secret on a command line: %s" % argv[0])
+    limit = deadline.limit(timeout, DEFAULT_TIMEOUT, what=argv[0])
     started = time.monotonic()
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         try:
@@ -76,12 +85,13 @@ def run(argv, *, timeout, check=True, input=None, env=None, quiet=False):
         except OSError as exc:
             raise CommandError("%s: %s" % (argv[0], exc.strerror), returncode=None) from None
         try:
-            proc.communicate(input.encode() if input is not None else None, timeout=timeout)
+            proc.communicate(input.encode() if input is not None else None, timeout=limit)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-            log.warning("timed out after %.0f s: %s", timeout, " ".join(argv))
-            raise CommandError("%s timed out after %.0f s" % (" ".join(argv[:2]), timeout),
+            why = "its cap" if timeout is not None and limit >= timeout else "the run's time budget"
+            log.warning("timed out after %g s (%s): %s", round(limit, 1), why, " ".join(argv))
+            raise CommandError("%s timed out after %g s (%s)" % (" ".join(argv[:2]), round(limit, 1), why),
                                returncode=None) from None
         out.seek(0)
         err.seek(0)
@@ -91,7 +101,7 @@ def run(argv, *, timeout, check=True, input=None, env=None, quiet=False):
     if not quiet:
         log.debug("ran (%.3f s, rc=%d): %s", elapsed, result.returncode, " ".join(argv))
     if check and not result.ok:
-        cause = first_line(result.stderr) or first_line(result.stdout) or "exit code %d" % result.returncode
+        cause = last_line(result.stderr) or last_line(result.stdout) or "exit code %d" % result.returncode
         raise CommandError("%s failed: %s" % (" ".join(argv[:2]), cause),
                            returncode=result.returncode, stderr=result.stderr)
     return result

@@ -11,8 +11,10 @@ Layout (on rbd_header.<image id>, so it goes away with the image):
 The final write also asserts the header's version seen under the mutex, so
 even a mutex that expired mid-check cannot let two writers in.
 
-Every call is bounded: the ops by the connection's timeouts, the waits here by
-access.timeout.
+Three parts: reading the facts (records, watchers, lock owners), deciding
+(policy.py, pure), writing (one write-op helper).  Every call is bounded: the
+ops by the connection's timeouts, the waits by access.timeout within the
+run's budget.
 """
 
 import errno
@@ -21,8 +23,9 @@ import logging
 import struct
 import time
 import uuid
+from dataclasses import dataclass
 
-from . import policy
+from . import deadline, policy
 from .cluster import bindings, translate
 from .errors import AccessDenied, BlockRbdError, ClusterError, ImageNotFound
 from .policy import Registration
@@ -37,6 +40,17 @@ MUTEX = "block-rbd.access"
 MUTEX_SECONDS = 4
 # How long a registration may stay without a mapping client address.
 PENDING_GRACE = 40
+# How long to look for the client a new mapping opened the image with.
+CLIENT_SEARCH = 3
+
+
+@dataclass(frozen=True)
+class Token:
+    """What acquire() hands to mapped(): our key and the watchers before mapping."""
+
+    key: str
+    watchers_before: frozenset
+    seconds: float  # how long the check took (benchmarks, tests)
 
 
 def header_object(ioctx, spec):
@@ -63,43 +77,72 @@ def _decode(key, value):
         return None
 
 
+def _encode(reg):
+    return json.dumps(reg.as_record(), sort_keys=True).encode()
+
+
+class _VersionChanged(Exception):
+    """The header changed between our read and our write."""
+
+
+# ---- reading the facts ------------------------------------------------------------
+
+def read_records(ioctx, header):
+    """({omap key: Registration}, the header's version)."""
+    rados, _rbd = bindings()
+    with rados.ReadOpCtx() as op:
+        items, _ret = ioctx.get_omap_vals(op, "", PREFIX, 1000)
+        ioctx.operate_read_op(op, header)
+        found = {key: _decode(key, value) for key, value in items}
+    return {k: v for k, v in found.items() if v is not None}, ioctx.get_last_version()
+
+
+def read_clients(cluster, spec):
+    """(watcher addresses, exclusive-lock owner addresses) of the image."""
+    rados, rbd = bindings()
+    with cluster.image(spec.head()) as image:
+        try:
+            watchers = [w["addr"] for w in image.watchers_list()]
+            owners = []
+            if image.features() & rbd.RBD_FEATURE_EXCLUSIVE_LOCK:
+                # lock_get_owners fails on a read-only handle; list_lockers shows
+                # rbd_lock's holders: the exclusive-lock owner (cookie "auto ...").
+                lockers = image.list_lockers() or {}
+                owners = [addr for _client, _cookie, addr in lockers.get("lockers", [])]
+        except (rados.Error, rbd.Error) as exc:
+            raise translate(exc, "image %s" % spec.head()) from None
+    return watchers, owners
+
+
+# ---- writing ----------------------------------------------------------------------
+
+def write(ioctx, header, what, set_regs=(), remove_keys=(), version=None):
+    """One atomic omap update of the header; _VersionChanged if `version` no longer holds."""
+    rados, _rbd = bindings()
+    op = ioctx.create_write_op()
+    try:
+        if version is not None:
+            op.assert_version(version)
+        if set_regs:
+            ioctx.set_omap(op, tuple(PREFIX + r.key for r in set_regs), tuple(_encode(r) for r in set_regs))
+        if remove_keys:
+            ioctx.remove_omap_keys(op, tuple(remove_keys))
+        ioctx.operate_write_op(op, header)
+    except rados.Error as exc:
+        if version is not None and getattr(exc, "errno", None) in (errno.ERANGE, errno.EOVERFLOW):
+            raise _VersionChanged() from None
+        raise translate(exc, what) from None
+    finally:
+        op.release()
+
+
 class Registry:
     """The `registry` seam of attachments.attach/detach."""
 
     def __init__(self, config):
-        self.config = config
         self.host = config.host
         self.stale = config["access.stale"]
         self.timeout = config["access.timeout"]
-        self._before = {}   # holder key -> watcher addresses before mapping
-        self.last_check = None  # seconds the last acquire took (benchmarks)
-
-    # ---- reading -------------------------------------------------------------
-
-    def _records(self, ioctx, header):
-        """{omap key: Registration} and the header's version."""
-        rados, _rbd = bindings()
-        with rados.ReadOpCtx() as op:
-            items, _ret = ioctx.get_omap_vals(op, "", PREFIX, 1000)
-            ioctx.operate_read_op(op, header)
-            found = {key: _decode(key, value) for key, value in items}
-        return {k: v for k, v in found.items() if v is not None}, ioctx.get_last_version()
-
-    def _clients(self, ioctx, spec):
-        """(watcher addresses, exclusive-lock owner addresses) of the image."""
-        rados, rbd = bindings()
-        try:
-            with rbd.Image(ioctx, spec.image, read_only=True) as image:
-                watchers = [w["addr"] for w in image.watchers_list()]
-                owners = []
-                if image.features() & rbd.RBD_FEATURE_EXCLUSIVE_LOCK:
-                    # lock_get_owners fails on a read-only handle; list_lockers shows
-                    # rbd_lock's holders: the exclusive-lock owner (cookie "auto ...").
-                    lockers = image.list_lockers() or {}
-                    owners = [addr for _client, _cookie, addr in lockers.get("lockers", [])]
-        except (rados.Error, rbd.Error) as exc:
-            raise translate(exc, "image %s" % spec.head()) from None
-        return watchers, owners
 
     def _own_addrs(self, cluster):
         return {cluster.rados.get_addrs()} if hasattr(cluster.rados, "get_addrs") else set()
@@ -107,36 +150,32 @@ class Registry:
     def states(self, cluster, spec):
         """Every Registration of the image with its state, and the facts behind it."""
         with cluster.ioctx(spec.pool, spec.namespace) as ioctx:
-            header = header_object(ioctx, spec)
-            records, _version = self._records(ioctx, header)
-            watchers, owners = self._clients(ioctx, spec)
+            records, _version = read_records(ioctx, header_object(ioctx, spec))
+        watchers, owners = read_clients(cluster, spec)
         now = time.time()
-        regs = [self._with_state(r, watchers, now) for r in records.values()]
+        regs = [policy.with_state(r, watchers, now, PENDING_GRACE) for r in records.values()]
         return regs, watchers, owners
-
-    def _with_state(self, reg, watchers, now):
-        state = policy.state_of(reg, watchers, now, PENDING_GRACE)
-        return Registration(**dict(reg.as_record(), state=state))
 
     # ---- the mutex -------------------------------------------------------------
 
-    def _lock(self, ioctx, header, cookie, deadline, spec):
+    def _lock(self, ioctx, header, cookie, spec):
         rados, _rbd = bindings()
-        delay = 0.002
-        while True:
+
+        def attempt():
             try:
                 ioctx.lock_exclusive(header, MUTEX, cookie, desc="block-rbd %s" % self.host,
                                      duration=MUTEX_SECONDS)
-                return
+                return True
             except rados.ObjectBusy:
-                pass
+                return False
             except rados.Error as exc:
                 raise translate(exc, "access lock of %s" % spec.head()) from None
-            if time.monotonic() >= deadline:
-                raise AccessDenied("%s: the access check stayed busy for %.0f s (another host is "
-                                   "checking, or died while checking); retry" % (spec.head(), self.timeout))
-            time.sleep(delay)
-            delay = min(delay * 2, 0.05)
+
+        deadline.retry(attempt, what="the access check of %s" % spec.head(), cap=self.timeout,
+                       interval=0.002, max_interval=0.05,
+                       give_up=lambda waited: AccessDenied(
+                           "%s: the access check stayed busy for %.0f s (another host is checking, "
+                           "or died while checking); retry" % (spec.head(), waited)))
 
     def _unlock(self, ioctx, header, cookie):
         rados, _rbd = bindings()
@@ -147,112 +186,109 @@ class Registry:
 
     # ---- the seam ----------------------------------------------------------------
 
-    def acquire(self, cluster, spec, mode, holder, info):
-        """Check the policy and register `holder`, atomically across hosts."""
-        if spec.snap:
-            return  # snapshots are immutable: nothing to arbitrate
+    def acquire(self, cluster, spec, request, local_holders=frozenset()):
+        """Check the policy and register `request`, atomically across hosts; a Token.
+
+        local_holders: this host's holders of any mapping of the image.  A
+        registration of this host whose holder is not among them and whose
+        client no longer watches is a leftover of a run that died here: ours
+        to drop, never a reason to refuse or to fence.
+        """
         started = time.monotonic()
-        deadline = started + self.timeout
-        rados, _rbd = bindings()
-        reg = Registration(host=self.host, holder=holder, mode=mode, vm=info.get("vm"),
-                           domid=_str(info.get("domid")), devid=_str(info.get("devid")), since=time.time())
-        ident = reg.identity
+        key = policy.holder_key(self.host, request.holder)
+        if spec.snap:
+            return Token(key, frozenset(), 0.0)  # snapshots are immutable: nothing to arbitrate
+        reg = Registration(host=self.host, holder=request.holder, mode=request.mode, vm=request.vm,
+                           domid=request.domid, devid=request.devid, since=time.time())
         cookie = uuid.uuid4().hex
         fenced = set()
         with cluster.ioctx(spec.pool, spec.namespace) as ioctx:
             header = header_object(ioctx, spec)
-            while True:
-                self._lock(ioctx, header, cookie, deadline, spec)
+
+            def attempt():
+                self._lock(ioctx, header, cookie, spec)
                 try:
-                    records, version = self._records(ioctx, header)
-                    watchers, owners = self._clients(ioctx, spec)
-                    now = time.time()
-                    others = [self._with_state(r, watchers, now) for k, r in records.items()
-                              if k != PREFIX + reg.key]
-                    # Our own earlier registration's client (a repeated `map`) is no stranger.
-                    mine = [r for k, r in records.items() if k == PREFIX + reg.key]
-                    own = self._own_addrs(cluster)
-                    decision = policy.decide(
-                        spec.head(), mode, ident, others,
-                        foreign_watchers=policy.foreign(watchers, others + mine, own),
-                        foreign_lock_owners=policy.foreign(owners, others + mine, own),
-                        stale=self.stale)
-                    for dead in decision.fence:
-                        if dead.client and dead.client not in fenced:
-                            self._blocklist(cluster, dead.client)
-                            fenced.add(dead.client)
-                        log.warning("fenced stale access holder %s of %s (%s)", dead.key, spec.head(),
-                                    dead.describe())
-                    record = reg.as_record()
-                    op = ioctx.create_write_op()
-                    try:
-                        op.assert_version(version)
-                        ioctx.set_omap(op, (PREFIX + reg.key,), (json.dumps(record, sort_keys=True).encode(),))
-                        if decision.fence:
-                            ioctx.remove_omap_keys(op, tuple(PREFIX + d.key for d in decision.fence))
-                        ioctx.operate_write_op(op, header)
-                    except rados.Error as exc:
-                        if getattr(exc, "errno", None) in (errno.ERANGE, errno.EOVERFLOW):
-                            # The header changed since we read it (librbd, or an
-                            # expired mutex): read again.
-                            if time.monotonic() < deadline:
-                                continue
-                        raise translate(exc, "registering access to %s" % spec.head()) from None
-                    finally:
-                        op.release()
-                    self._before[reg.key] = set(watchers)
-                    break
+                    return self._check_and_register(cluster, ioctx, header, spec, reg, local_holders, fenced)
+                except _VersionChanged:
+                    return None  # librbd or an expired mutex changed the header: read again
                 finally:
                     self._unlock(ioctx, header, cookie)
-        self.last_check = time.monotonic() - started
-        log.info("access %s to %s granted to %s in %.3f s", mode, spec.head(), reg.key, self.last_check)
 
-    def mapped(self, cluster, spec, holder, mapping):
+            watchers = deadline.retry(attempt, what="registering access to %s" % spec.head(), cap=self.timeout,
+                                      give_up=lambda waited: AccessDenied(
+                                          "%s: the image header kept changing during the access check "
+                                          "for %.0f s; retry" % (spec.head(), waited)))
+        token = Token(key, frozenset(watchers), time.monotonic() - started)
+        log.info("access %s to %s granted to %s in %.3f s", request.mode, spec.head(), key, token.seconds)
+        return token
+
+    def _check_and_register(self, cluster, ioctx, header, spec, reg, local_holders, fenced):
+        """Under the mutex: read, decide, write; the watchers seen (for mapped())."""
+        records, version = read_records(ioctx, header)
+        watchers, owners = read_clients(cluster, spec)
+        now = time.time()
+        mine = [r for k, r in records.items() if k == PREFIX + reg.key]
+        stated = [policy.with_state(r, watchers, now, PENDING_GRACE) for k, r in records.items()
+                  if k != PREFIX + reg.key]
+        leftovers = policy.local_leftovers(stated, self.host, local_holders)
+        others = [r for r in stated if r not in leftovers]
+        own = self._own_addrs(cluster)
+        # Our own earlier registration's client (a repeated `map`) is no stranger.
+        decision = policy.decide(
+            spec.head(), reg.mode, reg.identity, others,
+            foreign_watchers=policy.foreign(watchers, others + mine, own),
+            foreign_lock_owners=policy.foreign(owners, others + mine, own),
+            stale=self.stale)
+        for dead in decision.fence:
+            if dead.client and dead.client not in fenced:
+                self._blocklist(cluster, dead.client)
+                fenced.add(dead.client)
+            log.warning("fenced stale access holder %s of %s (%s)", dead.key, spec.head(), dead.describe())
+        for left in leftovers:
+            log.warning("dropped %s's own leftover access registration %s of %s (%s)",
+                        self.host, left.key, spec.head(), left.describe())
+        dropped = tuple(PREFIX + r.key for r in tuple(decision.fence) + tuple(leftovers))
+        write(ioctx, header, "registering access to %s" % spec.head(), set_regs=(reg,),
+              remove_keys=dropped, version=version)
+        return watchers
+
+    def mapped(self, cluster, spec, token, mapping):
         """Record the mapping's client address (what says it is alive)."""
         if spec.snap:
             return
-        rados, _rbd = bindings()
-        key = policy.holder_key(self.host, holder)
-        before = self._before.pop(key, set())
         with cluster.ioctx(spec.pool, spec.namespace) as ioctx:
             header = header_object(ioctx, spec)
             client = mapping.details.get("client_addr")  # krbd says it in sysfs
-            deadline = time.monotonic() + min(self.timeout, 3)
-            while not client:
-                records, _version = self._records(ioctx, header)
-                watchers, _owners = self._clients(ioctx, spec)
-                client = self._find_client(records, key, mapping, before, watchers, cluster)
-                if client or time.monotonic() >= deadline:
-                    break
-                time.sleep(0.05)  # rbd-nbd/rbd-fuse may open the image a moment later
-            records, _version = self._records(ioctx, header)
-            reg = records.get(PREFIX + key)
+            if not client:
+                # rbd-nbd/rbd-fuse may open the image a moment after the device appears.
+                try:
+                    client = deadline.retry(
+                        lambda: self._find_client(ioctx, header, cluster, spec, token, mapping),
+                        what="the mapping client of %s" % spec.head(), cap=min(self.timeout, CLIENT_SEARCH),
+                        interval=0.05, max_interval=0.05, give_up=lambda waited: _NoClient())
+                except _NoClient:
+                    client = None
+            records, _version = read_records(ioctx, header)
+            reg = records.get(PREFIX + token.key)
             if reg is None:
                 raise AccessDenied("%s: our access registration %s vanished while mapping "
-                                   "(broken by an operator?)" % (spec.head(), key))
-            record = dict(reg.as_record(), client=client)
-            try:
-                op = ioctx.create_write_op()
-                try:
-                    ioctx.set_omap(op, (PREFIX + key,), (json.dumps(record, sort_keys=True).encode(),))
-                    ioctx.operate_write_op(op, header)
-                finally:
-                    op.release()
-            except rados.Error as exc:
-                raise translate(exc, "recording access to %s" % spec.head()) from None
+                                   "(broken by an operator?)" % (spec.head(), token.key))
+            write(ioctx, header, "recording access to %s" % spec.head(),
+                  set_regs=(Registration(**dict(reg.as_record(), client=client)),))
         if not client:
             log.warning("%s: could not tell the mapping client of %s; it will look stale after %d s",
-                        spec.head(), key, PENDING_GRACE)
+                        spec.head(), token.key, PENDING_GRACE)
 
-    def _find_client(self, records, key, mapping, before, watchers, cluster):
-        new = set(watchers) - before - self._own_addrs(cluster)
+    def _find_client(self, ioctx, header, cluster, spec, token, mapping):
+        records, _version = read_records(ioctx, header)
+        watchers, _owners = read_clients(cluster, spec)
+        new = set(watchers) - token.watchers_before - self._own_addrs(cluster)
         if len(new) == 1:
             return new.pop()
         # A shared mapping (second holder on this host): its client is already recorded.
-        ro = mapping.read_only
         for k, reg in records.items():
-            if (k != PREFIX + key and reg.host == self.host and reg.client in watchers
-                    and is_read_only(reg.mode) == ro):
+            if (k != PREFIX + token.key and reg.host == self.host and reg.client in watchers
+                    and is_read_only(reg.mode) == mapping.read_only):
                 return reg.client
         return None
 
@@ -260,24 +296,13 @@ class Registry:
         """Delete our own registration; idempotent; the image may be gone."""
         if spec.snap:
             return
-        rados, _rbd = bindings()
         key = PREFIX + policy.holder_key(self.host, holder)
-        self._before.pop(key, None)
         try:
             with cluster.ioctx(spec.pool, spec.namespace) as ioctx:
-                header = header_object(ioctx, spec)
-                op = ioctx.create_write_op()
-                try:
-                    ioctx.remove_omap_keys(op, (key,))
-                    ioctx.operate_write_op(op, header)
-                finally:
-                    op.release()
+                write(ioctx, header_object(ioctx, spec), "releasing access to %s" % spec.head(),
+                      remove_keys=(key,))
         except ImageNotFound:
             return
-        except rados.ObjectNotFound:
-            return
-        except rados.Error as exc:
-            raise translate(exc, "releasing access to %s" % spec.head()) from None
 
     # ---- operators ------------------------------------------------------------------
 
@@ -295,10 +320,9 @@ class Registry:
 
     def break_lock(self, cluster, spec, key, blocklist=True):
         """Remove registration `key` (host:holder); blocklist its client first."""
-        rados, _rbd = bindings()
         with cluster.ioctx(spec.pool, spec.namespace) as ioctx:
             header = header_object(ioctx, spec)
-            records, _version = self._records(ioctx, header)
+            records, _version = read_records(ioctx, header)
             reg = records.get(PREFIX + key)
             if reg is None:
                 raise BlockRbdError("%s has no access registration %s (see block-rbd locks %s)"
@@ -307,22 +331,9 @@ class Registry:
             if blocklist and reg.client:
                 self._blocklist(cluster, reg.client)
                 fenced = reg.client
-            op = ioctx.create_write_op()
-            try:
-                ioctx.remove_omap_keys(op, (PREFIX + key,))
-                ioctx.operate_write_op(op, header)
-            except rados.Error as exc:
-                raise translate(exc, "removing access registration of %s" % spec.head()) from None
-            finally:
-                op.release()
+            write(ioctx, header, "removing access registration of %s" % spec.head(), remove_keys=(PREFIX + key,))
         return reg, fenced
 
 
-def _str(value):
-    return None if value is None or value == "" else str(value)
-
-
-def from_config(config):
-    """The registry hotplug and the CLI use (one place to turn it off later)."""
-    return Registry(config)
-
+class _NoClient(Exception):
+    """No mapping client found in time (not an error: logged, and the registration stays pending)."""

@@ -5,90 +5,258 @@ for the same image are serialised (they share one mapping and its holder
 list).  The lock file descriptor is close-on-exec, so no daemon we spawn
 (rbd-nbd, rbd-fuse) inherits it and keeps the image locked.
 
-Each record names the mapper and device and who holds the mapping: a backend
+A MapRecord names the mapper and device and who holds the mapping: a backend
 path for libxl, "manual" for `block-rbd map`.  A holder is written *before*
 mapping, so a `remove` after a SIGKILLed `add` still knows what to undo.
+
+A PendingRelease is a cluster-wide registration this host has let go of
+locally but could not yet delete in Ceph (cluster down, run killed): written
+before the cluster call, deleted after it, completed by the next run that
+reaches the cluster.  Records carry a version; an older one is migrated on
+read, a newer one is refused rather than misread.
 """
 
 import contextlib
-import errno
 import fcntl
 import json
+import logging
 import os
+import threading
 import time
+import urllib.parse
+from dataclasses import asdict, dataclass, field
+from typing import Dict, Optional
 
-from .errors import LockTimeout
+from . import deadline
+from .errors import LockTimeout, StateError
+from .target import parse_spec
+
+log = logging.getLogger("block-rbd")
+
+RECORD_VERSION = 2
+
+
+@dataclass
+class Holder:
+    """One user of a mapping: its mode and, for libxl's holders, the guest."""
+
+    mode: str
+    since: int
+    vm: Optional[str] = None
+    domid: Optional[str] = None
+    devid: Optional[str] = None
+
+
+@dataclass
+class MapRecord:
+    """This host's mapping of one image (or snapshot) in one mode."""
+
+    image: str
+    read_only: bool
+    mapper: Optional[str] = None
+    device: Optional[str] = None
+    holders: Dict[str, Holder] = field(default_factory=dict)
+
+    @property
+    def spec(self):
+        return parse_spec(self.image)
+
+    def hold(self, name, holder):
+        self.holders[name] = holder
+
+    def drop(self, name):
+        """Remove holder `name`; whether it was there."""
+        return self.holders.pop(name, None) is not None
+
+    def mapped_by(self, mapper, device):
+        self.mapper, self.device = mapper, device
+
+    def to_json(self):
+        data = asdict(self)
+        data["version"] = RECORD_VERSION
+        return data
+
+    @classmethod
+    def from_json(cls, data, where):
+        version = data.get("version", 1)
+        if version > RECORD_VERSION:
+            raise StateError("%s was written by a newer block-rbd (record version %s); "
+                             "refusing to misread it" % (where, version))
+        holders = {}
+        for name, held in (data.get("holders") or {}).items():
+            # Version 1 kept the whole request (host, backend, ...): only these mattered.
+            holders[name] = Holder(mode=held["mode"], since=int(held.get("since") or 0), vm=held.get("vm"),
+                                   domid=_opt_str(held.get("domid")), devid=_opt_str(held.get("devid")))
+        return cls(image=data["image"], read_only=bool(data["read_only"]), mapper=data.get("mapper"),
+                   device=data.get("device"), holders=holders)
+
+
+@dataclass
+class PendingRelease:
+    """A registration of `holder` on `image` to delete in Ceph once the cluster answers."""
+
+    image: str
+    holder: str
+    since: float
+    reason: str = ""
+
+    @property
+    def spec(self):
+        return parse_spec(self.image)
+
+    def to_json(self):
+        return dict(asdict(self), version=RECORD_VERSION)
+
+    @classmethod
+    def from_json(cls, data, where):
+        if data.get("version", RECORD_VERSION) > RECORD_VERSION:
+            raise StateError("%s was written by a newer block-rbd; refusing to misread it" % where)
+        return cls(image=data["image"], holder=data["holder"], since=float(data["since"]),
+                   reason=data.get("reason", ""))
+
+
+def _opt_str(value):
+    return None if value is None or value == "" else str(value)
 
 
 class LocalState:
     def __init__(self, state_dir, lock_timeout=10.0):
         self.maps_dir = os.path.join(state_dir, "maps")
         self.locks_dir = os.path.join(state_dir, "locks")
+        self.pending_dir = os.path.join(state_dir, "pending")
         self.lock_timeout = lock_timeout
 
     @contextlib.contextmanager
-    def lock(self, spec):
-        """Exclusive lock on one image (all its snapshots and modes) on this host."""
+    def lock(self, spec, wait=True):
+        """Exclusive lock on one image (all its snapshots and modes) on this host.
+
+        Within a run's budget the wait may take what is left of it; outside
+        one (operator commands) at most lock_timeout.  With wait=False the
+        body runs at once, told (as the `with` value) whether it holds the lock.
+        """
         os.makedirs(self.locks_dir, mode=0o700, exist_ok=True)
         path = os.path.join(self.locks_dir, spec.head().key + ".lock")
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
-            deadline = time.monotonic() + self.lock_timeout
-            while True:
+            def attempt():
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except OSError as exc:
-                    if exc.errno not in (errno.EAGAIN, errno.EACCES):
-                        raise
-                if time.monotonic() >= deadline:
-                    raise LockTimeout("another block-rbd run on this host has held %s for over %.0f s"
-                                      % (spec.head(), self.lock_timeout))
-                time.sleep(0.02)
-            yield
+                    return True
+                except BlockingIOError:
+                    return False
+
+            if not wait:
+                yield attempt()
+                return
+            deadline.retry(attempt, what="the local lock of %s" % spec.head(), default=self.lock_timeout,
+                           give_up=lambda waited: LockTimeout(
+                               "another block-rbd run on this host has held %s for over %.0f s"
+                               % (spec.head(), waited)))
+            yield True
         finally:
             os.close(fd)  # closing releases the flock
+
+    # ---- mapping records --------------------------------------------------------
 
     def _path(self, spec, read_only):
         return os.path.join(self.maps_dir, "%s.%s.json" % (spec.key, "ro" if read_only else "rw"))
 
     def load(self, spec, read_only):
-        try:
-            with open(self._path(spec, read_only)) as handle:
-                return json.load(handle)
-        except FileNotFoundError:
-            return None
-
-    def save(self, spec, read_only, record):
-        """Write atomically: a reader never sees half a record."""
-        os.makedirs(self.maps_dir, mode=0o700, exist_ok=True)
         path = self._path(spec, read_only)
-        tmp = "%s.%d.tmp" % (path, os.getpid())
-        with open(tmp, "w") as handle:
-            json.dump(record, handle, sort_keys=True)
-        os.replace(tmp, path)
+        data = _read_json(path)
+        return None if data is None else MapRecord.from_json(data, path)
+
+    def save(self, record):
+        """Write atomically: a reader never sees half a record."""
+        _write_json(self.maps_dir, self._path(record.spec, record.read_only), record.to_json())
 
     def delete(self, spec, read_only):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._path(spec, read_only))
 
-    def records(self):
-        """Every record on this host (for showmapped and status)."""
-        try:
-            names = sorted(os.listdir(self.maps_dir))
-        except FileNotFoundError:
-            return []
-        result = []
-        for name in names:
-            if not name.endswith(".json"):
-                continue
+    def records(self, strict=False):
+        """Every mapping record on this host (for showmapped, status and doctor).
+
+        One written by a newer block-rbd is left out with a warning, or, when
+        `strict`, refused (StateError): what depends on every holder must not
+        go on without one.
+        """
+        found = []
+        for path, data in _read_all(self.maps_dir):
             try:
-                with open(os.path.join(self.maps_dir, name)) as handle:
-                    result.append(json.load(handle))
-            except (FileNotFoundError, ValueError):
-                continue  # removed or being replaced right now
-        return result
+                found.append(MapRecord.from_json(data, path))
+            except StateError as exc:
+                if strict:
+                    raise
+                log.warning("%s", exc)
+        return found
+
+    def holders_of_image(self, spec):
+        """Every holder name of any mapping of the image `spec` (any snapshot, any mode)."""
+        head = str(spec.head())
+        names = set()
+        for record in self.records(strict=True):
+            if str(record.spec.head()) == head:
+                names.update(record.holders)
+        return names
+
+    # ---- pending cluster-wide releases ---------------------------------------------
+
+    def _pending_path(self, spec, holder):
+        return os.path.join(self.pending_dir, "%s.%s.json" % (spec.head().key, urllib.parse.quote(holder, safe="")))
+
+    def pend_release(self, spec, holder, reason=""):
+        item = PendingRelease(str(spec.head()), holder, time.time(), reason)
+        _write_json(self.pending_dir, self._pending_path(spec, holder), item.to_json())
+
+    def release_done(self, spec, holder):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._pending_path(spec, holder))
+
+    def is_pending(self, spec, holder):
+        return os.path.exists(self._pending_path(spec, holder))
+
+    def pending(self):
+        """Every release still to do in Ceph, oldest first."""
+        items = []
+        for path, data in _read_all(self.pending_dir):
+            try:
+                items.append(PendingRelease.from_json(data, path))
+            except StateError as exc:
+                log.warning("%s", exc)
+        return sorted(items, key=lambda p: (p.since, p.image, p.holder))
 
 
-def new_record(spec, read_only):
-    return {"image": str(spec), "read_only": read_only, "mapper": None, "device": None, "holders": {}}
+def _read_json(path):
+    try:
+        with open(path) as handle:
+            return json.load(handle)
+    except FileNotFoundError:
+        return None
+
+
+def _write_json(directory, path, data):
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    tmp = "%s.%d.%d.tmp" % (path, os.getpid(), threading.get_ident())
+    with open(tmp, "w") as handle:
+        json.dump(data, handle, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def _read_all(directory):
+    """(path, data) of every complete .json file in directory."""
+    try:
+        names = sorted(os.listdir(directory))
+    except FileNotFoundError:
+        return []
+    found = []
+    for name in names:
+        if not name.endswith(".json"):
+            continue
+        path = os.path.join(directory, name)
+        try:
+            with open(path) as handle:
+                found.append((path, json.load(handle)))
+        except (FileNotFoundError, ValueError):
+            continue  # removed or being replaced right now
+    return found

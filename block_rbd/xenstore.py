@@ -7,7 +7,7 @@ hotplug script uses.  Each method is one tool run; several keys written in one
 
 import re
 
-from . import process
+from . import deadline, process
 from .errors import CommandError, XenstoreError
 
 # libxenstore's sanitise_value(): bytes outside ' '..'~' become \t \n \r \\,
@@ -43,23 +43,27 @@ def parse_ls(output, prefix):
 
 
 class Xenstore:
-    """The xenstore seam.  `env` points the tools elsewhere (tests)."""
+    """The xenstore seam.  `env` points the tools elsewhere (tests).
 
-    def __init__(self, env=None, timeout=10):
+    A tool run may take what is left of the run's budget: a busy dom0 makes
+    them slow, not wrong.  `timeout` caps one run only where it is given
+    (outside a budget a wedged xenstored still ends in DEFAULT_TIMEOUT).
+    """
+
+    DEFAULT_TIMEOUT = 30
+
+    def __init__(self, env=None, timeout=None):
         self.env = env
         self.timeout = timeout
 
     def _run(self, tool, *args, check=True):
         try:
-            return process.run([tool, *args], timeout=self.timeout, env=self.env, check=check)
+            return process.run([tool, *args], timeout=self._limit(tool), env=self.env, check=check)
         except CommandError as exc:
             raise XenstoreError(str(exc)) from None
 
-    def read(self, *paths):
-        """Values of all `paths` (one call, one transaction); all must exist."""
-        result = self._run("xenstore-read", *paths)
-        lines = result.stdout.split("\n")
-        return [unescape(line) for line in lines[:len(paths)]]
+    def _limit(self, tool):
+        return deadline.limit(self.timeout, self.DEFAULT_TIMEOUT, tool)
 
     def read_optional(self, path):
         """The value at `path`, or None when it does not exist."""
@@ -75,26 +79,12 @@ class Xenstore:
             return {}
         return parse_ls(result.stdout, path)
 
-    def list(self, path):
-        """Child names of `path`; [] if `path` is missing."""
-        result = self._run("xenstore-list", path, check=False)
-        if result.returncode != 0:
-            return []
-        return [line for line in result.stdout.split("\n") if line]
-
     def write(self, pairs):
         """Write {path: value} (ordered) in one transaction; values stored verbatim."""
         args = []
         for path, value in pairs.items():
             args += [path, str(value)]
         self._run("xenstore-write", "-R", *args)
-
-    def rm(self, *paths):
-        """Remove paths; a path already gone is not an error."""
-        for path in paths:
-            result = self._run("xenstore-rm", path, check=False)
-            if result.returncode != 0 and self.exists(path):
-                raise XenstoreError("xenstore-rm %s failed: %s" % (path, process.first_line(result.stderr)))
 
     def exists(self, path):
         return self._run("xenstore-exists", path, check=False).returncode == 0

@@ -48,6 +48,7 @@ import socket
 import struct
 import sys
 import threading
+import time
 
 # enum xsd_sockmsg_type (xen/include/public/io/xs_wire.h)
 XS_DEBUG = 0
@@ -234,6 +235,8 @@ class _Connection:
                 payload = self._recv_exact(length) if length else b''
                 if payload is None:
                     break
+                if self.server.delay:
+                    time.sleep(self.server.delay)  # a busy dom0: every answer comes late
                 self.server.process(self, mtype, req_id, tx_id, payload)
         except OSError:
             pass
@@ -266,6 +269,7 @@ class XenstoredDouble:
         self._threads = []
         self._running = False
         self.conflicts = 0      # transaction commits refused with EAGAIN
+        self.delay = 0.0        # seconds before each request over the socket is served
         for path, children in (('/', ['tool']), ('/tool', ['xenstored']),
                                ('/tool/xenstored', [])):
             self._nodes[path] = _Node(b'', children, ['n0'],

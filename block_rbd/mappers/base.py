@@ -7,9 +7,9 @@ undo a mapping even when `add` was killed before recording it.
 
 import abc
 import os
-import time
 from dataclasses import dataclass, field
 
+from .. import deadline
 from ..errors import DeviceBusy
 
 
@@ -20,10 +20,6 @@ class Mapping:
     read_only: bool
     device: str
     details: dict = field(default_factory=dict)
-
-    def as_dict(self):
-        return {"mapper": self.mapper, "image": str(self.spec), "read_only": self.read_only,
-                "device": self.device, **self.details}
 
 
 def device_numbers(device):
@@ -41,16 +37,11 @@ def block_read_only(name, sys_root="/sys"):
         return False
 
 
-def retry_busy(attempt, timeout, what, interval=0.25):
-    """Call attempt() until it returns True or `timeout` passes; then DeviceBusy."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if attempt():
-            return
-        if time.monotonic() >= deadline:
-            raise DeviceBusy("%s is still in use after %.0f s; close it (or stop the guest) and retry"
-                             % (what, timeout))
-        time.sleep(interval)
+def retry_busy(attempt, cap, what, interval=0.25):
+    """Call attempt() until it returns True, for at most `cap` seconds of the run's budget."""
+    deadline.retry(attempt, what=what, cap=cap, interval=interval, max_interval=interval,
+                   give_up=lambda waited: DeviceBusy(
+                       "%s is still in use after %.0f s; close it (or stop the guest) and retry" % (what, waited)))
 
 
 class Mapper(abc.ABC):
@@ -91,6 +82,5 @@ class Mapper(abc.ABC):
         """Map, or return the existing mapping of the same image, snapshot and mode."""
         existing = self.find(spec, read_only)
         if existing is not None:
-            existing.details["reused"] = True
             return existing
         return self._map(spec, read_only, tuple(options))

@@ -107,7 +107,7 @@ class FuseMapper(Mapper):
             os.chmod(self.mount_dir, 0o700)
             os.makedirs(point, mode=0o700, exist_ok=True)
             try:
-                process.run(self.mount_argv(spec, point), timeout=self.config["timeouts.map"])
+                process.run(self.mount_argv(spec, point))
             except CommandError as exc:
                 _rmdir(point)
                 raise MapperError("rbd-fuse mount of %s failed: %s" % (spec, exc)) from None
@@ -117,7 +117,7 @@ class FuseMapper(Mapper):
                 raise MapperError("rbd-fuse shows no image %s" % spec)
             argv = ["losetup", "--find", "--show"] + (["--read-only"] if read_only else []) + [image_file]
             try:
-                device = process.run(argv, timeout=self.config["timeouts.map"]).stdout.strip()
+                device = process.run(argv).stdout.strip()
             except CommandError as exc:
                 raise MapperError("losetup for %s failed: %s" % (spec, exc)) from None
         except MapperError:
@@ -135,13 +135,12 @@ class FuseMapper(Mapper):
             log.info("fuse unmounted %s, left without a loop device by an earlier map", point)
 
     def unmap(self, mapping):
-        timeout = self.config["timeouts.unmap"]
         point = mapping.details.get("mountpoint") or self.mountpoint(mapping.spec)
         image_file = os.path.join(point, mapping.spec.image)
         name = os.path.basename(mapping.device)
         if any(n == name for n, _ro in loop_devices(self.sys_root).get(image_file, [])):
             try:
-                process.run(["losetup", "--detach", mapping.device], timeout=timeout)
+                process.run(["losetup", "--detach", mapping.device])
             except CommandError as exc:
                 raise MapperError("losetup --detach %s failed: %s" % (mapping.device, exc)) from None
         # A detached loop device lets go of the file asynchronously; the mount
@@ -152,7 +151,7 @@ class FuseMapper(Mapper):
 
     def _unmount(self, point):
         def attempt():
-            result = process.run(["fusermount", "-u", point], timeout=self.config["timeouts.unmap"], check=False)
+            result = process.run(["fusermount", "-u", point], check=False)
             return result.ok or point not in self._mounts()
 
         retry_busy(attempt, self.config["timeouts.unmap"], point)

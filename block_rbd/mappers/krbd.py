@@ -15,7 +15,7 @@ import os
 import platform
 import socket
 
-from .. import process
+from .. import deadline, process
 from ..cluster import keyring_secret
 from ..errors import CommandError, FeaturesUnsupported, MapperError, MapperUnavailable
 from ..target import ImageSpec
@@ -189,7 +189,7 @@ class KrbdMapper(Mapper):
         if self.sysfs.present():
             return None
         try:
-            process.run(["modprobe", "rbd"], timeout=self.config["timeouts.map"])
+            process.run(["modprobe", "rbd"])
         except CommandError as exc:
             return "no rbd driver in this kernel (%s)" % exc
         return None if self.sysfs.present() else "no rbd driver in this kernel"
@@ -215,7 +215,7 @@ class KrbdMapper(Mapper):
         opts += list(cfg["krbd.options"]) + list(extra)
         if not any(o.startswith("mount_timeout=") for o in opts):
             # The kernel waits 60 s for the cluster by default; libxl kills us at 40 s.
-            opts.append("mount_timeout=%d" % max(1, int(cfg["timeouts.map"])))
+            opts.append("mount_timeout=%d" % max(1, int(deadline.limit(cfg["timeouts.map"], what="krbd map"))))
         if read_only:
             opts.append("read_only")
         return opts

@@ -19,6 +19,7 @@ def _racer(config_path, image, rounds, barrier, results, index):
     from block_rbd import config as config_mod
     from block_rbd.cluster import Cluster
     from block_rbd.errors import AccessDenied
+    from block_rbd.policy import Request
     from block_rbd.registry import Registry
     from block_rbd.target import parse_spec
 
@@ -31,12 +32,12 @@ def _racer(config_path, image, rounds, barrier, results, index):
         for round_no in range(rounds):
             barrier.wait(timeout=60)
             try:
-                registry.acquire(cluster, spec, "w", holder, {"vm": "vm-%d" % index, "domid": index + 5,
-                                                               "devid": 51712})
-                won = True
+                token = registry.acquire(cluster, spec, Request(holder, "w", vm="vm-%d" % index,
+                                                                domid=str(index + 5), devid="51712"))
+                won, seconds = True, token.seconds
             except AccessDenied:
-                won = False
-            results.put((round_no, index, won, registry.last_check))
+                won, seconds = False, None
+            results.put((round_no, index, won, seconds))
             barrier.wait(timeout=60)  # everyone has decided before the winner lets go
             if won:
                 registry.release(cluster, spec, holder)

@@ -32,8 +32,8 @@ def leftovers(mapper, config_path, images):
     config = config_mod.load(config_path)
     from block_rbd import attachments
     mapped = sorted(m.device for m in mapper.mapped() if m.spec.image in images)
-    holders = sorted("%s: %s" % (r["image"], h) for r in attachments.local_state(config).records()
-                     for h in r["holders"] if r["image"].split("/")[-1].split("@")[0] in images)
+    holders = sorted("%s: %s" % (r.image, h) for r in attachments.local_state(config).records()
+                     for h in r.holders if r.spec.image in images)
     return {"mapped": mapped, "holders": holders}
 
 

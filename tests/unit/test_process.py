@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from block_rbd import process
-from block_rbd.errors import CommandError
+from block_rbd import deadline, process
+from block_rbd.errors import CommandError, HotplugTimeout
 
 SECRET = "AQBzyd1kAAAAABAAb0XHjGgA3o4P6BXgFgYqLg=="  # the shape of a cephx key
 
@@ -63,6 +63,56 @@ def test_timeout_kills_and_is_bounded():
     with pytest.raises(CommandError, match="timed out after 1 s"):
         process.run(["sleep", "30"], timeout=1)
     assert time.monotonic() - started < 5
+
+
+def test_timeout_names_the_cap():
+    with pytest.raises(CommandError, match=r"^sleep 30 timed out after 1 s \(its cap\)$"):
+        process.run(["sleep", "30"], timeout=1)
+
+
+def test_a_run_inside_a_budget_is_killed_when_the_budget_ends(tmp_path):
+    pidfile = tmp_path / "pid"
+    code = "import os, time; open(%r, 'w').write(str(os.getpid())); time.sleep(30)" % str(pidfile)
+    started = time.monotonic()
+    with deadline.budget(deadline.Deadline(1.0)):
+        with pytest.raises(CommandError) as info:
+            process.run([sys.executable, "-c", code])  # no cap of its own: the budget bounds it
+    assert time.monotonic() - started < 5
+    assert str(info.value) == "%s -c timed out after 1 s (the run's time budget)" % sys.executable
+    assert info.value.returncode is None
+    with pytest.raises(ProcessLookupError):  # killed and reaped, not left running
+        os.kill(int(pidfile.read_text()), 0)
+
+
+def test_a_cap_larger_than_what_is_left_yields_to_the_budget():
+    with deadline.budget(deadline.Deadline(1.0)):
+        with pytest.raises(CommandError, match=r"timed out after 1 s \(the run's time budget\)$"):
+            process.run(["sleep", "30"], timeout=20)
+
+
+def test_a_cap_smaller_than_the_budget_still_applies():
+    started = time.monotonic()
+    with deadline.budget(deadline.Deadline(30)):
+        with pytest.raises(CommandError, match=r"^sleep 30 timed out after 1 s \(its cap\)$"):
+            process.run(["sleep", "30"], timeout=1)
+    assert time.monotonic() - started < 5
+
+
+def test_with_the_budget_used_up_nothing_is_started(tmp_path):
+    marker = tmp_path / "ran"
+    with deadline.budget(deadline.Deadline(0)):
+        with pytest.raises(HotplugTimeout, match="used up before touch$"):
+            process.run(["touch", str(marker)], timeout=10)
+    assert not marker.exists()
+
+
+def test_a_quick_command_inside_a_budget_runs_normally():
+    with deadline.budget(deadline.Deadline(10)):
+        assert process.run(["echo", "ok"]).stdout == "ok\n"
+
+
+def test_without_a_budget_or_a_cap_a_command_is_not_cut_short():
+    assert process.run(["sleep", "0.3"]).ok
 
 
 def test_daemon_keeping_stdout_open_does_not_hang(tmp_path):
@@ -134,5 +184,5 @@ def test_fix_path(env, expected):
 
 
 @pytest.mark.parametrize("text, line", [("", ""), (None, ""), ("a\nb\n\n  ", "b"), ("  only  ", "only")])
-def test_first_line_is_the_last_non_empty_line(text, line):
-    assert process.first_line(text) == line
+def test_last_line_is_the_last_non_empty_line(text, line):
+    assert process.last_line(text) == line

@@ -1,5 +1,6 @@
-"""This host's mapping records and the per-image lock (block_rbd/state.py)."""
+"""This host's mapping records, pending releases and the per-image lock (block_rbd/state.py)."""
 
+import json
 import multiprocessing
 import os
 import subprocess
@@ -8,11 +9,15 @@ import time
 
 import pytest
 
-from block_rbd.errors import LockTimeout
-from block_rbd.state import LocalState, new_record
+from block_rbd import deadline
+from block_rbd import state as state_mod
+from block_rbd.errors import HotplugTimeout, LockTimeout, StateError
+from block_rbd.state import RECORD_VERSION, Holder, LocalState, MapRecord, PendingRelease
 from block_rbd.target import ImageSpec
 
 SPEC = ImageSpec("rbd", "vm1")
+VM = "11111111-1111-1111-1111-111111111111"
+BACKEND = "backend/vbd/5/51712"
 
 
 @pytest.fixture
@@ -20,51 +25,151 @@ def state(tmp_path):
     return LocalState(str(tmp_path / "state"), lock_timeout=0.5)
 
 
+def record_of(spec, read_only, **holders):
+    record = MapRecord(str(spec), read_only)
+    for name, holder in holders.items():
+        record.hold(name, holder)
+    return record
+
+
 def test_records_round_trip_per_mode(state):
     assert state.load(SPEC, False) is None
-    record = new_record(SPEC, False)
-    assert record == {"image": "rbd/vm1", "read_only": False, "mapper": None, "device": None, "holders": {}}
-    record["holders"]["backend/vbd/5/51712"] = {"mode": "w"}
-    state.save(SPEC, False, record)
-    assert state.load(SPEC, False) == record
+    record = MapRecord("rbd/vm1", False)
+    assert record == MapRecord(image="rbd/vm1", read_only=False, mapper=None, device=None, holders={})
+    assert record.spec == SPEC
+    record.hold(BACKEND, Holder(mode="w", since=1700000000, vm=VM, domid="5", devid="51712"))
+    record.hold("manual", Holder(mode="w", since=1700000001))
+    record.mapped_by("nbd", "/dev/nbd0")
+    state.save(record)
+    loaded = state.load(SPEC, False)
+    assert loaded == record
+    assert loaded.holders[BACKEND] == Holder(mode="w", since=1700000000, vm=VM, domid="5", devid="51712")
+    assert (loaded.mapper, loaded.device) == ("nbd", "/dev/nbd0")
     assert state.load(SPEC, True) is None  # read-only and read-write mappings are separate
-    state.save(SPEC, True, new_record(SPEC, True))
-    assert [r["read_only"] for r in state.records()] == [True, False] or len(state.records()) == 2
+    state.save(MapRecord("rbd/vm1", True))
+    assert sorted(r.read_only for r in state.records()) == [False, True]
     state.delete(SPEC, False)
     state.delete(SPEC, False)  # idempotent
     assert state.load(SPEC, False) is None
-    assert len(state.records()) == 1
+    assert [r.read_only for r in state.records()] == [True]
+
+
+def test_a_record_of_a_snapshot_round_trips(state):
+    snap = ImageSpec("rbd", "vm1", "tenant", "gold")
+    state.save(record_of(snap, True, manual=Holder(mode="r", since=1)))
+    assert state.load(snap, True).spec == snap
+    assert state.load(snap.head(), True) is None  # the head is another mapping
+
+
+def test_hold_and_drop():
+    record = MapRecord("rbd/vm1", False)
+    record.hold(BACKEND, Holder(mode="w", since=1))
+    record.hold(BACKEND, Holder(mode="w", since=2))  # the same holder again: replaced, not doubled
+    assert list(record.holders) == [BACKEND] and record.holders[BACKEND].since == 2
+    assert record.drop(BACKEND) is True
+    assert record.drop(BACKEND) is False
+    assert record.holders == {}
+
+
+def test_saved_records_carry_their_version(state):
+    state.save(record_of(SPEC, False, manual=Holder(mode="w", since=1)))
+    with open(state._path(SPEC, False)) as handle:
+        data = json.load(handle)
+    assert data["version"] == RECORD_VERSION == 2
+    assert data["holders"] == {"manual": {"mode": "w", "since": 1, "vm": None, "domid": None, "devid": None}}
+
+
+def _write_raw(state, spec, read_only, data):
+    os.makedirs(state.maps_dir, mode=0o700, exist_ok=True)
+    with open(state._path(spec, read_only), "w") as handle:
+        json.dump(data, handle)
+
+
+def test_a_version_1_record_is_read_and_migrated(state):
+    """The dict the first release wrote: no version, each holder the whole request."""
+    _write_raw(state, SPEC, False, {
+        "image": "rbd/vm1", "read_only": False, "mapper": "krbd", "device": "/dev/rbd0",
+        "holders": {
+            BACKEND: {"host": "h1", "vm": VM, "domid": "5", "devid": "51712", "backend": BACKEND,
+                      "mode": "w", "since": 1700000000},
+            "manual": {"host": "h1", "vm": None, "domid": None, "devid": None, "backend": None,
+                       "mode": "w!", "since": 1700000100},
+        }})
+    record = state.load(SPEC, False)
+    assert record == MapRecord("rbd/vm1", False, "krbd", "/dev/rbd0", {
+        BACKEND: Holder(mode="w", since=1700000000, vm=VM, domid="5", devid="51712"),
+        "manual": Holder(mode="w!", since=1700000100),
+    })
+    assert [r.image for r in state.records()] == ["rbd/vm1"]
+    assert state.holders_of_image(SPEC) == {BACKEND, "manual"}
+    # saved again, it is a current record
+    state.save(record)
+    with open(state._path(SPEC, False)) as handle:
+        assert json.load(handle)["version"] == RECORD_VERSION
+    assert state.load(SPEC, False) == record
+
+
+def test_a_version_1_record_with_numbers_for_ids(state):
+    _write_raw(state, SPEC, True, {
+        "image": "rbd/vm1", "read_only": True, "mapper": None, "device": None,
+        "holders": {BACKEND: {"host": "h1", "vm": VM, "domid": 5, "devid": 51712, "backend": BACKEND,
+                              "mode": "r", "since": 1700000000}}})
+    holder = state.load(SPEC, True).holders[BACKEND]
+    assert (holder.domid, holder.devid) == ("5", "51712")
+
+
+def test_a_newer_record_is_refused_not_misread(state):
+    _write_raw(state, SPEC, False, {"version": RECORD_VERSION + 1, "image": "rbd/vm1", "read_only": False,
+                                    "holders": {BACKEND: {"mode": "w", "since": 1, "lease": "x"}}})
+    with pytest.raises(StateError) as info:
+        state.load(SPEC, False)
+    message = str(info.value)
+    assert "newer block-rbd" in message and "version 3" in message and "\n" not in message
+    assert state._path(SPEC, False) in message
+    # a listing leaves that one record out (and says so); what needs every holder refuses
+    state.save(MapRecord("rbd/vm2", False))
+    assert [r.image for r in state.records()] == ["rbd/vm2"]
+    with pytest.raises(StateError):
+        state.records(strict=True)
+    with pytest.raises(StateError):
+        state.holders_of_image(SPEC)
 
 
 def test_files_are_private(state):
-    state.save(SPEC, False, new_record(SPEC, False))
+    state.save(MapRecord("rbd/vm1", False))
     assert os.stat(state.maps_dir).st_mode & 0o777 == 0o700
     with state.lock(SPEC):
         pass
     assert os.stat(state.locks_dir).st_mode & 0o777 == 0o700
     for name in os.listdir(state.locks_dir):
         assert os.stat(os.path.join(state.locks_dir, name)).st_mode & 0o077 == 0
+    state.pend_release(SPEC, BACKEND)
+    assert os.stat(state.pending_dir).st_mode & 0o777 == 0o700
 
 
 def test_distinct_specs_have_distinct_files(state):
     specs = [ImageSpec("rbd", "vm1"), ImageSpec("rbd", "vm1", "ns"), ImageSpec("rbd", "vm1", "", "s"),
              ImageSpec("rbd2", "vm1"), ImageSpec("rbd", "ns%2Fvm1")]
     for spec in specs:
-        state.save(spec, False, new_record(spec, False))
-    assert sorted(r["image"] for r in state.records()) == sorted(str(s) for s in specs)
+        state.save(MapRecord(str(spec), False))
+    assert sorted(r.image for r in state.records()) == sorted(str(s) for s in specs)
+    for spec in specs:
+        assert state.load(spec, False).spec == spec
 
 
 def test_records_ignore_junk_and_half_written_files(state):
-    state.save(SPEC, False, new_record(SPEC, False))
+    state.save(MapRecord("rbd/vm1", False))
     with open(os.path.join(state.maps_dir, "broken.json"), "w") as handle:
         handle.write("{not json")
     with open(os.path.join(state.maps_dir, "x.json.123.tmp"), "w") as handle:
         handle.write("{}")
-    assert [r["image"] for r in state.records()] == ["rbd/vm1"]
+    assert [r.image for r in state.records()] == ["rbd/vm1"]
 
 
 def test_no_records_without_a_directory(state):
     assert state.records() == []
+    assert state.pending() == []
+    assert state.holders_of_image(SPEC) == set()
 
 
 def test_save_is_atomic(state):
@@ -75,19 +180,20 @@ def test_save_is_atomic(state):
     def writer():
         n = 0
         while not stop.is_set():
-            record = new_record(SPEC, False)
-            record["holders"] = {"h%d" % i: {"x" * 100: i} for i in range(50 + n % 7)}
-            state.save(SPEC, False, record)
+            record = MapRecord("rbd/vm1", False)
+            for i in range(50 + n % 7):
+                record.hold("backend/vbd/%d/%s" % (i, "x" * 100), Holder(mode="r", since=i, vm=VM))
+            state.save(record)
             n += 1
 
     thread = threading.Thread(target=writer)
-    state.save(SPEC, False, new_record(SPEC, False))
+    state.save(MapRecord("rbd/vm1", False))
     thread.start()
     try:
-        deadline = time.monotonic() + 0.5
-        while time.monotonic() < deadline:
+        end = time.monotonic() + 0.5
+        while time.monotonic() < end:
             try:
-                assert state.load(SPEC, False)["image"] == "rbd/vm1"
+                assert state.load(SPEC, False).image == "rbd/vm1"
             except Exception as exc:  # noqa: BLE001 -- any failure is the finding
                 errors.append(exc)
     finally:
@@ -95,6 +201,75 @@ def test_save_is_atomic(state):
         thread.join()
     assert errors == []
 
+
+# ---- holders of an image ----------------------------------------------------------------------
+
+def test_holders_of_image_cover_every_snapshot_and_both_modes(state):
+    state.save(record_of(SPEC, False, **{BACKEND: Holder(mode="w", since=1)}))
+    state.save(record_of(SPEC, True, manual=Holder(mode="r", since=2)))
+    state.save(record_of(ImageSpec("rbd", "vm1", "", "gold"), True,
+                         **{"backend/vbd/7/51728": Holder(mode="r", since=3)}))
+    # other images: another name, another namespace, another pool
+    state.save(record_of(ImageSpec("rbd", "vm2"), False, **{"backend/vbd/8/1": Holder(mode="w", since=4)}))
+    state.save(record_of(ImageSpec("rbd", "vm1", "ns"), False, **{"backend/vbd/9/1": Holder(mode="w", since=5)}))
+    state.save(record_of(ImageSpec("tank", "vm1"), False, **{"backend/vbd/10/1": Holder(mode="w", since=6)}))
+    expected = {BACKEND, "manual", "backend/vbd/7/51728"}
+    assert state.holders_of_image(SPEC) == expected
+    assert state.holders_of_image(ImageSpec("rbd", "vm1", "", "gold")) == expected  # asked by a snapshot
+    assert state.holders_of_image(ImageSpec("rbd", "vm1", "ns")) == {"backend/vbd/9/1"}
+
+
+# ---- pending cluster-wide releases --------------------------------------------------------------
+
+def test_pending_releases_round_trip(state, mocker):
+    clock = mocker.patch.object(state_mod, "time").time
+    clock.side_effect = [1000.0, 999.0, 1001.0]
+    state.pend_release(SPEC, BACKEND, reason="cluster down")
+    state.pend_release(ImageSpec("rbd", "vm1", "", "gold"), "manual")  # a snapshot's is the image's
+    state.pend_release(ImageSpec("tank", "db"), "backend/vbd/7/51728", reason="run killed")
+    assert clock.call_count == 3
+    assert state.pending() == [  # oldest first
+        PendingRelease("rbd/vm1", "manual", 999.0, ""),
+        PendingRelease("rbd/vm1", BACKEND, 1000.0, "cluster down"),
+        PendingRelease("tank/db", "backend/vbd/7/51728", 1001.0, "run killed"),
+    ]
+    assert state.pending()[0].spec == SPEC
+    state.release_done(SPEC, BACKEND)
+    state.release_done(SPEC, BACKEND)  # idempotent
+    state.release_done(ImageSpec("rbd", "vm1", "", "gold"), "manual")
+    assert [(p.image, p.holder) for p in state.pending()] == [("tank/db", "backend/vbd/7/51728")]
+    state.release_done(ImageSpec("tank", "db"), "backend/vbd/7/51728")
+    assert state.pending() == []
+    state.release_done(ImageSpec("tank", "db"), "never-pended")  # nothing to do: no error
+
+
+def test_pending_release_again_replaces_it(state):
+    state.pend_release(SPEC, BACKEND, reason="first")
+    state.pend_release(SPEC, BACKEND, reason="second")
+    assert [(p.holder, p.reason) for p in state.pending()] == [(BACKEND, "second")]
+
+
+def test_pending_releases_of_distinct_holders_and_images_are_distinct(state):
+    holders = [BACKEND, "backend/vbd/5/51713", "manual", "backend%2Fvbd%2F5%2F51712"]
+    for holder in holders:
+        state.pend_release(SPEC, holder)
+    state.pend_release(ImageSpec("rbd", "vm1", "ns"), BACKEND)
+    assert sorted((p.image, p.holder) for p in state.pending()) == sorted(
+        [("rbd/vm1", h) for h in holders] + [("rbd/ns/vm1", BACKEND)])
+
+
+def test_pending_ignores_junk_and_leaves_newer_alone(state):
+    state.pend_release(SPEC, BACKEND)
+    with open(os.path.join(state.pending_dir, "broken.json"), "w") as handle:
+        handle.write("{")
+    assert [p.holder for p in state.pending()] == [BACKEND]
+    with open(os.path.join(state.pending_dir, "new.json"), "w") as handle:
+        json.dump({"version": RECORD_VERSION + 1, "image": "rbd/vm1", "holder": "x", "since": 1}, handle)
+    assert [p.holder for p in state.pending()] == [BACKEND]  # not acted upon, not misread
+    assert os.path.exists(os.path.join(state.pending_dir, "new.json"))
+
+
+# ---- the lock ---------------------------------------------------------------------------------
 
 def _hold(state_dir, spec, ready, release):
     with LocalState(state_dir).lock(spec):
@@ -163,3 +338,58 @@ def test_threads_of_one_process_wait_for_each_other(state):
         order.append("first")
     thread.join(5)
     assert order == ["first", "second"]
+
+
+def _held(state):
+    """A lock on SPEC held by another process until the returned stop() is called."""
+    ctx = multiprocessing.get_context("fork")
+    ready, release = ctx.Event(), ctx.Event()
+    holder = ctx.Process(target=_hold, args=(os.path.dirname(state.maps_dir), SPEC, ready, release))
+    holder.start()
+    assert ready.wait(10)
+
+    def stop():
+        release.set()
+        holder.join(10)
+    return stop
+
+
+def _wait_for_lock(state, spec=SPEC):
+    started = time.monotonic()
+    with pytest.raises(LockTimeout, match="another block-rbd run on this host has held rbd/vm1"):
+        with state.lock(spec):
+            pass
+    return time.monotonic() - started
+
+
+def test_within_a_budget_the_lock_wait_is_bounded_by_the_budget(state):
+    stop = _held(state)
+    try:
+        # a budget shorter than lock_timeout ends the wait early ...
+        state.lock_timeout = 10
+        with deadline.budget(deadline.Deadline(0.6)):
+            assert 0.5 < _wait_for_lock(state) < 2
+        # ... and a longer one lets it wait past lock_timeout: the run still has the time
+        state.lock_timeout = 0.3
+        with deadline.budget(deadline.Deadline(1.5)):
+            assert 1.3 < _wait_for_lock(state) < 3
+        # outside any budget: lock_timeout
+        assert 0.2 < _wait_for_lock(state) < 1.2
+    finally:
+        stop()
+
+
+def test_with_the_budget_used_up_the_lock_is_not_even_tried(state):
+    with deadline.budget(deadline.Deadline(0.0)):
+        with pytest.raises(HotplugTimeout, match="used up before the local lock of rbd/vm1"):
+            with state.lock(SPEC):
+                pass
+    with state.lock(SPEC):  # nothing was left held
+        pass
+
+
+def test_within_a_budget_a_free_lock_is_taken_at_once(state):
+    with deadline.budget(deadline.Deadline(5)):
+        started = time.monotonic()
+        with state.lock(SPEC):
+            assert time.monotonic() - started < 0.5
