@@ -6,6 +6,7 @@ tools, since this machine has no Xen.
 """
 
 import contextlib
+import errno
 import glob
 import json
 import os
@@ -28,7 +29,10 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 from testcluster import TestCluster  # noqa: E402
 from xenstored import XenstoredDouble  # noqa: E402
 
+from block_rbd import attachments, mappers  # noqa: E402
+from block_rbd import config as config_mod  # noqa: E402
 from block_rbd.mappers.fuse import loop_devices, parse_mountinfo  # noqa: E402
+from block_rbd.target import parse_spec  # noqa: E402
 
 
 def need(tool, package):
@@ -272,6 +276,17 @@ def json_out(result):
     return json.loads(result.stdout)
 
 
+def assert_refuses_writes(device):
+    """A write to `device` fails as it does on a read-only disk."""
+    with pytest.raises(OSError) as info:
+        fd = os.open(device, os.O_WRONLY)
+        try:
+            os.pwrite(fd, b"x" * 512, 0)
+        finally:
+            os.close(fd)
+    assert info.value.errno in (errno.EROFS, errno.EPERM, errno.EACCES)
+
+
 def fuse_dirs(root):
     """The fuse.mount_dir of write_config() below `root` (a glob): ROOT/fuse for a test,
     ROOT/HOST/fuse for a simulated host.  Globbing stops at those dirs and never looks
@@ -362,25 +377,29 @@ def fuse_cleanup(tmp_path, make_image):
         reap_fuse_mounts(mount_dir)
 
 
-def leftovers(tmp):
-    """Everything of ours still on this host for the run rooted at `tmp`."""
-    fuse_dir = os.path.join(str(tmp), "fuse")
+def leftovers(config_path, images=None):
+    """What block-rbd still holds on this host for the config at `config_path`.
+
+    mapped: devices the mapper under test still maps; mounts and loops: rbd-fuse mounts
+    below the config's fuse dir and the loop devices on them, mapping or not (a run killed
+    half-way leaves a mount without a loop); holders: "IMAGE: HOLDER" still recorded.
+    `images` (image names) narrows mapped and holders: krbd and nbd mappings are host-wide.
+    """
+    config = config_mod.load(config_path)
+    fuse_dir = config["fuse.mount_dir"]
+
+    def wanted(spec):
+        return images is None or spec.image in images
+
     with open("/proc/self/mountinfo") as handle:
-        mounts = [line for line in handle if fuse_dir in line]
-    loops = []
-    for path in glob.glob("/sys/block/loop*/loop/backing_file"):
-        try:
-            with open(path) as handle:
-                if handle.read().startswith(fuse_dir):
-                    loops.append(path.split("/")[3])
-        except OSError:
-            pass
-    holders = []
-    for path in glob.glob(os.path.join(str(tmp), "state", "maps", "*.json")):
-        with open(path) as handle:
-            record = json.load(handle)
-        holders += ["%s: %s" % (record["image"], h) for h in record["holders"]]
-    return {"mounts": mounts, "loops": loops, "holders": holders}
+        mounts = sorted(parse_mountinfo(handle.read(), fuse_dir))
+    loops = sorted("/dev/" + name for backing, found in loop_devices().items()
+                   if backing.startswith(fuse_dir + "/") for name, _read_only in found)
+    mapped = sorted(m.device for m in mappers.get(TEST_MAPPER, config).mapped() if wanted(m.spec))
+    holders = sorted("%s: %s" % (record["image"], holder)
+                     for record in attachments.local_state(config).records()
+                     if wanted(parse_spec(record["image"])) for holder in record["holders"])
+    return {"mapped": mapped, "mounts": mounts, "loops": loops, "holders": holders}
 
 
-NOTHING = {"mounts": [], "loops": [], "holders": []}
+NOTHING = {"mapped": [], "mounts": [], "loops": [], "holders": []}
