@@ -345,9 +345,14 @@ def reap_fuse_mounts(mount_dir, only_stopped=False, kill_all=False):
 @pytest.fixture(scope="session", autouse=True)
 def _no_leftover_fuse_mounts(tmp_path_factory):
     # Before pytest removes old temp directories (at the first getbasetemp()): frozen
-    # mounts there would hang it.
-    for mount_dir in fuse_dirs("/tmp/pytest-of-%s/pytest-*/*" % os.environ.get("USER", "root")):
-        reap_fuse_mounts(mount_dir, only_stopped=True)
+    # mounts there would hang it.  Like pytest, leave a directory whose .lock is younger
+    # than three days: its session may still run, and may have frozen a daemon on purpose.
+    for session in glob.glob("/tmp/pytest-of-%s/pytest-*" % os.environ.get("USER", "root")):
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(os.path.join(session, ".lock")).st_mtime > time.time() - 3 * 86400:
+                continue
+        for mount_dir in fuse_dirs(os.path.join(session, "*")):
+            reap_fuse_mounts(mount_dir, only_stopped=True)
     yield
     for mount_dir in fuse_dirs(os.path.join(str(tmp_path_factory.getbasetemp()), "*")):
         reap_fuse_mounts(mount_dir, kill_all=True)
