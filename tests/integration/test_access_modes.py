@@ -23,17 +23,10 @@ def hosts(ceph_cluster, tmp_path, libxl, host_users, make_image):
     # Depends on make_image so that it is torn down (everything unmapped) first.
     made = [Host("host%d" % (i + 1), ceph_cluster, tmp_path, user, keyring, libxl)
             for i, (user, keyring) in enumerate(host_users[:3])]
-    added = []
-    for host in made:
-        original = host.add
-
-        def add(path, _host=host, _original=original):
-            added.append((_host, path))
-            return _original(path)
-        host.add = add
     yield made
-    for host, path in reversed(added):  # nothing left mapped, whatever a test did
-        host.remove(path)
+    for host in made:  # nothing left mapped, whatever a test did
+        for path in reversed(host.added):
+            host.remove(path)
 
 
 def target_of(ceph_cluster, image, mode):
