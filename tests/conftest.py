@@ -32,7 +32,6 @@ from xenstored import XenstoredDouble  # noqa: E402
 from block_rbd import attachments, mappers  # noqa: E402
 from block_rbd import config as config_mod  # noqa: E402
 from block_rbd.mappers.fuse import loop_devices, parse_mountinfo  # noqa: E402
-from block_rbd.target import parse_spec  # noqa: E402
 
 
 def need(tool, package):

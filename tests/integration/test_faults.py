@@ -3,7 +3,6 @@ add, leftovers of killed runs, xenstore tools that answer slowly.  (Monitors gon
 add: test_failures.py::test_cluster_down.)"""
 
 import json
-import os
 import subprocess
 import sys
 import threading
