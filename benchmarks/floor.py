@@ -38,7 +38,7 @@ def floor_unmap(mapper, device, point, run, busy_for=5.0):
             try:
                 run(["fusermount", "-u", point])
                 break
-            except Exception:
+            except Exception:  # whatever the caller's run() raises: a busy mount, retried until busy_for
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.05)

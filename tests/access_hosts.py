@@ -1,6 +1,6 @@
 """Several dom0s on one machine: one config, cephx user, state and fuse dir each.
 
-Shared by the access-mode tests and benchmarks/access_soak.py.
+Shared by the access-mode tests (tests/integration/test_access_*.py).
 """
 
 import os
@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 
-from conftest import SCRIPT, write_config
+from conftest import SCRIPT, fuse_daemons, write_config
 
 from block_rbd import config as config_mod
 
@@ -24,6 +24,7 @@ class Host:
         self.cluster = cluster
         self._user, self._keyring = user, keyring
         self.config_path = self.write(**overrides)
+        self.added = []  # backend paths this host ran `add` for, in order
 
     def write(self, **overrides):
         values = {"host": self.name, "ceph.id": self._user, "ceph.keyring": self._keyring}
@@ -42,6 +43,7 @@ class Host:
                                   domid=domid, vm=vm)
 
     def add(self, path):
+        self.added.append(path)
         return self.libxl.run("add", path, env=self.env())
 
     def remove(self, path):
@@ -70,14 +72,5 @@ def wait_watcher_gone(ioctx, image, addr, timeout=60):
 
 def fuse_pid(mountpoint):
     """Pid of the rbd-fuse process serving `mountpoint`."""
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            with open("/proc/%s/cmdline" % pid, "rb") as handle:
-                argv = handle.read().split(b"\0")
-        except OSError:
-            continue
-        if argv and argv[0].endswith(b"rbd-fuse") and mountpoint.encode() in argv:
-            return int(pid)
-    return None
+    daemons = fuse_daemons(mountpoint)
+    return daemons[0][0] if daemons else None

@@ -6,6 +6,7 @@ tools, since this machine has no Xen.
 """
 
 import contextlib
+import errno
 import glob
 import json
 import os
@@ -14,6 +15,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
 
 import pytest
@@ -26,6 +28,10 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 from testcluster import TestCluster  # noqa: E402
 from xenstored import XenstoredDouble  # noqa: E402
+
+from block_rbd import attachments, mappers  # noqa: E402
+from block_rbd import config as config_mod  # noqa: E402
+from block_rbd.mappers.fuse import loop_devices, parse_mountinfo  # noqa: E402
 
 
 def need(tool, package):
@@ -162,7 +168,6 @@ def make_image(rbd_admin):
 def remove_image(ioctx, name):
     """Remove an image, tolerating the ~30 s watcher linger of killed clients."""
     import rbd
-    import time
     deadline = time.monotonic() + 60
     while True:
         try:
@@ -270,50 +275,32 @@ def json_out(result):
     return json.loads(result.stdout)
 
 
-def reap_fuse_mounts(under, only_stopped=False):
-    """Abort and lazily unmount rbd-fuse mounts below `under`; detach their loops.
-
-    A test that froze (SIGSTOP) or killed a mapping client can leave a fuse
-    mount nobody answers: any stat below it, pytest's own clean-up of old
-    temp directories included, then hangs in D state for good.
-    """
-    with open("/proc/self/mountinfo") as handle:
-        mounts = [line.split() for line in handle]
-    for fields in mounts:
-        fstype = fields[fields.index("-") + 1]
-        point = fields[4].replace("\\040", " ")
-        if not fstype.startswith("fuse.rbd-fuse") or not point.startswith(under.rstrip("/") + "/"):
-            continue
-        daemons = _fuse_daemons(point)
-        if only_stopped and daemons and not any(state == "T" for _pid, state in daemons):
-            continue
-        if not os.path.isdir("/sys/fs/fuse/connections/%s" % fields[2].split(":")[1]):
-            subprocess.run(["mount", "-t", "fusectl", "none", "/sys/fs/fuse/connections"],
-                           capture_output=True, timeout=10)
+def assert_refuses_writes(device):
+    """A write to `device` fails as it does on a read-only disk."""
+    with pytest.raises(OSError) as info:
+        fd = os.open(device, os.O_WRONLY)
         try:
-            with open("/sys/fs/fuse/connections/%s/abort" % fields[2].split(":")[1], "w") as abort:
-                abort.write("1")
-        except OSError:
-            pass  # the connection is already gone; the unmount below still applies
-        for backing in glob.glob("/sys/block/loop*/loop/backing_file"):
-            with open(backing) as handle:
-                if handle.read().strip().startswith(point + "/"):
-                    subprocess.run(["losetup", "--detach", "/dev/" + backing.split("/")[3]],
-                                   capture_output=True, timeout=10)
-        subprocess.run(["umount", "-l", point], capture_output=True, timeout=10)
-        for pid, _state in daemons:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+            os.pwrite(fd, b"x" * 512, 0)
+        finally:
+            os.close(fd)
+    assert info.value.errno in (errno.EROFS, errno.EPERM, errno.EACCES)
 
 
-def _fuse_daemons(point):
-    """(pid, state) of the rbd-fuse processes serving `point`."""
+def fuse_dirs(root):
+    """The fuse.mount_dir of write_config() below `root` (a glob): ROOT/fuse for a test,
+    ROOT/HOST/fuse for a simulated host.  Globbing stops at those dirs and never looks
+    inside a mount: one served by a frozen daemon would hang the lookup."""
+    return glob.glob(os.path.join(root, "fuse")) + glob.glob(os.path.join(root, "*", "fuse"))
+
+
+def fuse_daemons(point):
+    """(pid, state) of the rbd-fuse processes serving the mount `point`."""
     found = []
     for proc in glob.glob("/proc/[0-9]*"):
         try:
             with open(proc + "/cmdline", "rb") as handle:
                 argv = handle.read().split(b"\0")
-            if not argv or not argv[0].endswith(b"rbd-fuse") or point.encode() not in argv:
+            if not argv[0].endswith(b"rbd-fuse") or point.encode() not in argv:
                 continue
             with open(proc + "/stat") as handle:
                 state = handle.read().rsplit(")", 1)[1].split()[0]
@@ -323,12 +310,51 @@ def _fuse_daemons(point):
     return found
 
 
+def reap_fuse_mounts(mount_dir, only_stopped=False, kill_all=False):
+    """Undo the rbd-fuse mounts directly below `mount_dir` (with only_stopped: those whose
+    daemon is frozen or gone): kill their frozen daemons (all of them with kill_all),
+    detach the loops on them, unmount them lazily.
+
+    A test that froze (SIGSTOP) or killed a mapping client can leave a fuse mount nobody
+    answers: any stat below it, pytest's own removal of old temp directories included,
+    then hangs.  A killed daemon's /dev/fuse closes and the kernel aborts its connection:
+    whatever waited on it fails instead, and the detach and unmount go through.  A live
+    daemon exits by itself once unmounted, without the ~30 s watch linger of a killed one.
+    """
+    with open("/proc/self/mountinfo") as handle:
+        points = parse_mountinfo(handle.read(), mount_dir)
+    for point in points:
+        daemons = fuse_daemons(point)
+        if only_stopped and daemons and not any(state == "T" for _pid, state in daemons):
+            continue
+        doomed = [pid for pid, state in daemons if kill_all or state == "T"]
+        for pid in doomed:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while any(os.path.exists("/proc/%d" % pid) for pid in doomed) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for backing, loops in loop_devices().items():
+            if backing.startswith(point + "/"):
+                for name, _read_only in loops:
+                    subprocess.run(["losetup", "--detach", "/dev/" + name], capture_output=True, timeout=10)
+        subprocess.run(["umount", "-l", point], capture_output=True, timeout=10)
+
+
 @pytest.fixture(scope="session", autouse=True)
-def _no_leftover_fuse_mounts(request):
-    # Before pytest removes old temp directories: frozen mounts there would hang it.
-    reap_fuse_mounts("/tmp/pytest-of-%s" % os.environ.get("USER", "root"), only_stopped=True)
+def _no_leftover_fuse_mounts(tmp_path_factory):
+    # Before pytest removes old temp directories (at the first getbasetemp()): frozen
+    # mounts there would hang it.  Like pytest, leave a directory whose .lock is younger
+    # than three days: its session may still run, and may have frozen a daemon on purpose.
+    for session in glob.glob("/tmp/pytest-of-%s/pytest-*" % os.environ.get("USER", "root")):
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(os.path.join(session, ".lock")).st_mtime > time.time() - 3 * 86400:
+                continue
+        for mount_dir in fuse_dirs(os.path.join(session, "*")):
+            reap_fuse_mounts(mount_dir, only_stopped=True)
     yield
-    reap_fuse_mounts(str(request.config._tmp_path_factory.getbasetemp()))
+    for mount_dir in fuse_dirs(os.path.join(str(tmp_path_factory.getbasetemp()), "*")):
+        reap_fuse_mounts(mount_dir, kill_all=True)
 
 
 @pytest.fixture(autouse=True)
@@ -351,39 +377,34 @@ def fuse_cleanup(tmp_path, make_image):
     """Whatever a failing test left under its own directory goes (loops first, then mounts),
     before make_image removes the images."""
     yield
-    fuse_dir = os.path.join(str(tmp_path), "fuse")
-    for path in glob.glob("/sys/block/loop*/loop/backing_file"):
-        try:
-            with open(path) as handle:
-                if handle.read().startswith(fuse_dir):
-                    subprocess.run(["losetup", "--detach", "/dev/" + path.split("/")[3]], check=False)
-        except OSError:
-            pass
+    for mount_dir in fuse_dirs(str(tmp_path)):
+        reap_fuse_mounts(mount_dir)
+
+
+def leftovers(config_path, images=None):
+    """What block-rbd still holds on this host for the config at `config_path`.
+
+    mapped: devices the mapper under test still maps; mounts and loops: rbd-fuse mounts
+    below the config's fuse dir and the loop devices on them, mapping or not (a run killed
+    half-way leaves a mount without a loop); holders: "IMAGE: HOLDER" still recorded.
+    `images` (image names) narrows mapped and holders: krbd and nbd mappings are host-wide.
+    """
+    config = config_mod.load(config_path)
+    fuse_dir = config["fuse.mount_dir"]
+
+    def wanted(spec):
+        return images is None or spec.image in images
+
     with open("/proc/self/mountinfo") as handle:
-        points = [line.split()[4] for line in handle if fuse_dir in line]
-    for point in points:
-        subprocess.run(["fusermount", "-u", "-z", point], check=False)
+        mounts = sorted(parse_mountinfo(handle.read(), fuse_dir))
+    loops = sorted("/dev/" + name for backing, found in loop_devices().items()
+                   if backing.startswith(fuse_dir + "/") for name, _read_only in found)
+    mapped = sorted(m.device for m in mappers.get(TEST_MAPPER, config).mapped() if wanted(m.spec))
+    state = attachments.local_state(config)
+    holders = sorted("%s: %s" % (record.image, holder) for record in state.records()
+                     if wanted(record.spec) for holder in record.holders)
+    pending = sorted("%s: %s" % (item.image, item.holder) for item in state.pending() if wanted(item.spec))
+    return {"mapped": mapped, "mounts": mounts, "loops": loops, "holders": holders, "pending": pending}
 
 
-def leftovers(tmp):
-    """Everything of ours still on this host for the run rooted at `tmp`."""
-    fuse_dir = os.path.join(str(tmp), "fuse")
-    with open("/proc/self/mountinfo") as handle:
-        mounts = [line for line in handle if fuse_dir in line]
-    loops = []
-    for path in glob.glob("/sys/block/loop*/loop/backing_file"):
-        try:
-            with open(path) as handle:
-                if handle.read().startswith(fuse_dir):
-                    loops.append(path.split("/")[3])
-        except OSError:
-            pass
-    holders = []
-    for path in glob.glob(os.path.join(str(tmp), "state", "maps", "*.json")):
-        with open(path) as handle:
-            record = json.load(handle)
-        holders += ["%s: %s" % (record["image"], h) for h in record["holders"]]
-    return {"mounts": mounts, "loops": loops, "holders": holders}
-
-
-NOTHING = {"mounts": [], "loops": [], "holders": []}
+NOTHING = {"mapped": [], "mounts": [], "loops": [], "holders": [], "pending": []}

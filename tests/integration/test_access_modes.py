@@ -23,17 +23,10 @@ def hosts(ceph_cluster, tmp_path, libxl, host_users, make_image):
     # Depends on make_image so that it is torn down (everything unmapped) first.
     made = [Host("host%d" % (i + 1), ceph_cluster, tmp_path, user, keyring, libxl)
             for i, (user, keyring) in enumerate(host_users[:3])]
-    added = []
-    for host in made:
-        original = host.add
-
-        def add(path, _host=host, _original=original):
-            added.append((_host, path))
-            return _original(path)
-        host.add = add
     yield made
-    for host, path in reversed(added):  # nothing left mapped, whatever a test did
-        host.remove(path)
+    for host in made:  # nothing left mapped, whatever a test did
+        for path in reversed(host.added):
+            host.remove(path)
 
 
 def target_of(ceph_cluster, image, mode):
@@ -47,6 +40,13 @@ def add(host, ceph_cluster, image, mode, domid, vm):
     xl_mode, extra = target_of(ceph_cluster, image, mode)
     path = host.backend(image, mode=xl_mode, domid=domid, vm=vm, params_extra=extra)
     return path, host.add(path)
+
+
+def attached(host, ceph_cluster, image, mode, domid, vm):
+    """add() that must succeed: the backend path."""
+    path, result = add(host, ceph_cluster, image, mode, domid, vm)
+    assert result.returncode == 0, result.stderr
+    return path
 
 
 def error_of(libxl, path):
@@ -102,8 +102,7 @@ def test_registration_records_holder_and_client(hosts, libxl, ceph_cluster, make
     h1 = hosts[0]
     image = make_image()
     vm = str(uuid.uuid4())
-    path, result = add(h1, ceph_cluster, image, "w", 7, vm)
-    assert result.returncode == 0, result.stderr
+    path = attached(h1, ceph_cluster, image, "w", 7, vm)
     (reg,) = locks(h1, image)
     assert reg["host"] == "host1" and reg["holder"] == path and reg["vm"] == vm
     assert reg["domid"] == "7" and reg["devid"] == path.rsplit("/", 1)[1] and reg["mode"] == "w"
@@ -117,8 +116,7 @@ def test_registration_records_holder_and_client(hosts, libxl, ceph_cluster, make
 def test_remove_is_idempotent_and_never_removes_another_hosts(hosts, libxl, ceph_cluster, make_image):
     h1, h2 = hosts[0], hosts[1]
     image = make_image()
-    path1, result = add(h1, ceph_cluster, image, "w", 20, None)
-    assert result.returncode == 0, result.stderr
+    path1 = attached(h1, ceph_cluster, image, "w", 20, None)
     # host2 runs remove for a backend of the same path it never added.
     assert h2.remove(path1).returncode == 0
     assert [r["key"] for r in locks(h1, image)] == ["host1:" + path1]
@@ -134,8 +132,7 @@ def test_w_attachment_accepts_writes(hosts, libxl, ceph_cluster, make_image, rbd
     h1 = hosts[0]
     image = make_image(features=features)
     _handle, ioctx = rbd_admin
-    path, result = add(h1, ceph_cluster, image, "w", 30, None)
-    assert result.returncode == 0, result.stderr
+    path = attached(h1, ceph_cluster, image, "w", 30, None)
     device = libxl.keys(path)["physical-device-path"]
     with rbd.Image(ioctx, image, read_only=True) as img:
         header = "rbd_header." + img.id()
@@ -170,8 +167,7 @@ def test_foreign_watcher_refuses_w_not_r(hosts, libxl, ceph_cluster, make_image,
         path, result = add(h1, ceph_cluster, image, "w", 40, None)
         assert result.returncode == 1
         assert "w refused: watched by client %s outside block-rbd" % addr in error_of(libxl, path)
-        path_r, result = add(h1, ceph_cluster, image, "r", 41, None)
-        assert result.returncode == 0, result.stderr
+        path_r = attached(h1, ceph_cluster, image, "r", 41, None)
         assert h1.remove(path_r).returncode == 0
         # Once the outside client owns the exclusive lock, r is refused too.
         outside.write(b"x" * 512, 0)
@@ -180,8 +176,7 @@ def test_foreign_watcher_refuses_w_not_r(hosts, libxl, ceph_cluster, make_image,
         assert "r refused: client %s outside block-rbd owns the exclusive lock" % addr \
             in error_of(libxl, path_r2)
         # Forced modes are never refused.
-        path_f, result = add(h1, ceph_cluster, image, "r!", 43, None)
-        assert result.returncode == 0, result.stderr
+        path_f = attached(h1, ceph_cluster, image, "r!", 43, None)
         assert h1.remove(path_f).returncode == 0
 
 
@@ -189,10 +184,8 @@ def test_live_migration_across_hosts(hosts, libxl, ceph_cluster, make_image):
     h1, h2, h3 = hosts
     image = make_image()
     vm = str(uuid.uuid4())
-    src, result = add(h1, ceph_cluster, image, "w", 50, vm)
-    assert result.returncode == 0, result.stderr
-    dst, result = add(h2, ceph_cluster, image, "w", 51, vm)  # destination while source holds
-    assert result.returncode == 0, result.stderr
+    src = attached(h1, ceph_cluster, image, "w", 50, vm)
+    dst = attached(h2, ceph_cluster, image, "w", 51, vm)  # destination while source holds
     other, result = add(h3, ceph_cluster, image, "w", 52, None)
     assert result.returncode == 1 and "refused" in error_of(libxl, other)
     assert h1.remove(src).returncode == 0  # source done
@@ -204,10 +197,8 @@ def test_failed_migration_keeps_source(hosts, libxl, ceph_cluster, make_image):
     h1, h2, h3 = hosts
     image = make_image()
     vm = str(uuid.uuid4())
-    src, result = add(h1, ceph_cluster, image, "w", 55, vm)
-    assert result.returncode == 0, result.stderr
-    dst, result = add(h2, ceph_cluster, image, "w", 56, vm)
-    assert result.returncode == 0, result.stderr
+    src = attached(h1, ceph_cluster, image, "w", 55, vm)
+    dst = attached(h2, ceph_cluster, image, "w", 56, vm)
     assert h2.remove(dst).returncode == 0  # migration failed: destination torn down
     assert [r["key"] for r in locks(h1, image)] == ["host1:" + src]
     other, result = add(h3, ceph_cluster, image, "w", 57, None)
@@ -219,10 +210,8 @@ def test_same_host_migration_shares_the_mapping(hosts, libxl, ceph_cluster, make
     h1, h2 = hosts[0], hosts[1]
     image = make_image()
     vm = str(uuid.uuid4())
-    a, result = add(h1, ceph_cluster, image, "w", 60, vm)
-    assert result.returncode == 0, result.stderr
-    b, result = add(h1, ceph_cluster, image, "w", 61, vm)
-    assert result.returncode == 0, result.stderr
+    a = attached(h1, ceph_cluster, image, "w", 60, vm)
+    b = attached(h1, ceph_cluster, image, "w", 61, vm)
     assert libxl.keys(a)["physical-device-path"] == libxl.keys(b)["physical-device-path"]
     regs = locks(h1, image)
     assert len(regs) == 2 and all(r["state"] == "alive" for r in regs)
@@ -239,14 +228,12 @@ def test_pygrub_sequence(hosts, libxl, ceph_cluster, make_image):
     h1, h2 = hosts[0], hosts[1]
     image = make_image()
     vm = str(uuid.uuid4())
-    boot, result = add(h1, ceph_cluster, image, "w", 0, None)  # dom0 reads the kernel
-    assert result.returncode == 0, result.stderr
+    boot = attached(h1, ceph_cluster, image, "w", 0, None)  # dom0 reads the kernel
     assert locks(h1, image)[0]["identity"] == "dom0@host1"
     other, result = add(h2, ceph_cluster, image, "w", 70, None)
     assert result.returncode == 1 and "by dom0 (host host1, domid 0" in error_of(libxl, other)
     assert h1.remove(boot).returncode == 0
-    guest, result = add(h1, ceph_cluster, image, "w", 71, vm)
-    assert result.returncode == 0, result.stderr
+    guest = attached(h1, ceph_cluster, image, "w", 71, vm)
     assert h1.remove(guest).returncode == 0
 
 

@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+from block_rbd import config as config_mod
 from conftest import NOTHING, SCRIPT, leftovers
 
 MiB = 1 << 20
@@ -21,9 +22,7 @@ MiB = 1 << 20
 pytestmark = pytest.mark.usefixtures("fuse_cleanup")
 
 
-
-
-def assert_failed_cleanly(libxl, result, path, tmp, fault):
+def assert_failed_cleanly(libxl, result, path, config_path, fault):
     assert result.returncode != 0
     keys = libxl.keys(path)
     error = keys.get("hotplug-error", "")
@@ -31,14 +30,14 @@ def assert_failed_cleanly(libxl, result, path, tmp, fault):
     assert "\n" not in error and error == error.strip()
     assert keys["hotplug-status"] == "error"
     assert "physical-device" not in keys and "physical-device-path" not in keys
-    with open(os.path.join(str(tmp), "xen-hotplug.log")) as handle:
+    with open(config_mod.load(config_path)["log.file"]) as handle:
         log_lines = [line for line in handle.read().splitlines() if error in line]
     assert len(log_lines) >= 1 and path in log_lines[0] and " ERROR " in log_lines[0]
     assert [line for line in result.stderr.splitlines() if error in line]
-    assert leftovers(tmp) == NOTHING
+    assert leftovers(config_path) == NOTHING
     # and remove after the failure is fine
     assert libxl.run("remove", path).returncode == 0
-    assert leftovers(tmp) == NOTHING
+    assert leftovers(config_path) == NOTHING
     return error
 
 
@@ -48,31 +47,31 @@ def assert_failed_cleanly(libxl, result, path, tmp, fault):
     ("rbd:vm1,mode=rw", "mode=rw: expected one of r, w, r!, w!"),
     ("", "empty target"),
 ])
-def test_malformed_target(libxl, config_path, tmp_path, params, fault):
+def test_malformed_target(libxl, config_path, params, fault):
     path = libxl.backend(params)
-    assert_failed_cleanly(libxl, libxl.run("add", path), path, tmp_path, fault)
+    assert_failed_cleanly(libxl, libxl.run("add", path), path, config_path, fault)
 
 
-def test_missing_pool(libxl, config_path, tmp_path):
+def test_missing_pool(libxl, config_path):
     path = libxl.backend("nosuchpool:vm1")
-    assert_failed_cleanly(libxl, libxl.run("add", path), path, tmp_path, "nosuchpool")
+    assert_failed_cleanly(libxl, libxl.run("add", path), path, config_path, "nosuchpool")
 
 
-def test_missing_image(libxl, config_path, tmp_path):
+def test_missing_image(libxl, config_path):
     path = libxl.backend("rbd:no-such-image")
-    error = assert_failed_cleanly(libxl, libxl.run("add", path), path, tmp_path, "does not exist")
+    error = assert_failed_cleanly(libxl, libxl.run("add", path), path, config_path, "does not exist")
     assert "rbd/no-such-image" in error
 
 
 @pytest.mark.parametrize("params, fault", [
     ("rbd:%s,mapper=floppy", "mapper=floppy: expected one of krbd, nbd, fuse"),
 ])
-def test_unknown_mapper(libxl, config_path, make_image, tmp_path, params, fault):
+def test_unknown_mapper(libxl, config_path, make_image, params, fault):
     path = libxl.backend(params % make_image(size=4 * MiB))
-    assert_failed_cleanly(libxl, libxl.run("add", path), path, tmp_path, fault)
+    assert_failed_cleanly(libxl, libxl.run("add", path), path, config_path, fault)
 
 
-def test_unknown_mapper_in_config(libxl, ceph_cluster, make_image, tmp_path, monkeypatch):
+def test_unknown_mapper_in_config(libxl, config_path, ceph_cluster, make_image, tmp_path, monkeypatch):
     from conftest import write_config
     config = write_config(tmp_path / "bad.yaml", ceph_cluster, str(tmp_path), mapper="floppy")
     monkeypatch.setenv("BLOCK_RBD_CONFIG", config)
@@ -83,17 +82,17 @@ def test_unknown_mapper_in_config(libxl, ceph_cluster, make_image, tmp_path, mon
     assert error == "add failed: %s: mapper = 'floppy': expected auto, krbd, nbd or fuse" % config
     assert libxl.keys(path)["hotplug-status"] == "error"
     assert error in result.stderr
-    assert leftovers(tmp_path) == NOTHING
+    assert leftovers(config_path) == NOTHING
 
 
 @pytest.mark.parametrize("mapper", ["krbd", "nbd"])
-def test_mapper_unusable_on_this_kernel(libxl, config_path, make_image, tmp_path, mapper):
+def test_mapper_unusable_on_this_kernel(libxl, config_path, make_image, mapper):
     if mapper == "krbd" and os.path.isdir("/sys/bus/rbd"):
         pytest.skip("this kernel has rbd: krbd would map for real")
     if mapper == "nbd" and os.path.isdir("/sys/module/nbd"):
         pytest.skip("this kernel has nbd: rbd-nbd would map for real")
     path = libxl.backend("rbd:%s,mapper=%s" % (make_image(size=4 * MiB), mapper))
-    assert_failed_cleanly(libxl, libxl.run("add", path), path, tmp_path, "mapper %s is not usable here" % mapper)
+    assert_failed_cleanly(libxl, libxl.run("add", path), path, config_path, "mapper %s is not usable here" % mapper)
 
 
 def test_cluster_down(libxl, config_path, make_image, ceph_cluster, tmp_path):
@@ -113,11 +112,11 @@ def test_cluster_down(libxl, config_path, make_image, ceph_cluster, tmp_path):
         assert keys["hotplug-status"] == "error"
         assert error in result.stderr
         assert error in open(os.path.join(str(tmp_path), "xen-hotplug.log")).read()
-        assert leftovers(tmp_path) == NOTHING
+        assert leftovers(config_path) == NOTHING
     finally:
         ceph_cluster.start_mon()
     assert libxl.run("remove", path).returncode == 0
-    assert leftovers(tmp_path) == NOTHING
+    assert leftovers(config_path) == NOTHING
 
 
 def slow_rbd_fuse(tmp_path, seconds):
@@ -156,13 +155,13 @@ def test_sigkill_in_the_middle_of_add_then_remove_cleans_up(libxl, config_path, 
         except OSError:
             break
         time.sleep(0.05)
-    while not leftovers(tmp_path)["mounts"] and time.monotonic() < deadline:
+    while not leftovers(config_path)["mounts"] and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert leftovers(tmp_path)["mounts"], "rbd-fuse never mounted"
+    assert leftovers(config_path)["mounts"], "rbd-fuse never mounted"
 
     result = libxl.run("remove", path)
     assert result.returncode == 0, result.stderr
-    assert leftovers(tmp_path) == NOTHING
+    assert leftovers(config_path) == NOTHING
     assert libxl.run("remove", path).returncode == 0
 
 
@@ -227,4 +226,4 @@ def test_no_secret_in_any_command_line_log_or_xenstore(libxl, config_path, make_
     assert not any(n in log for n in needles)
     tree = json.dumps(xenstored.tree("/")).encode()
     assert not any(n in tree for n in needles)
-    assert leftovers(tmp_path) == NOTHING
+    assert leftovers(config_path) == NOTHING

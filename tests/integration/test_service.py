@@ -98,7 +98,7 @@ def test_add_and_remove_through_the_service_do_what_in_process_runs_do(
     assert str(service.proc.pid) not in run_pids(log_text, other)
     assert libxl.run("remove", path, env=service.env).returncode == 0
     assert libxl.run("remove", other, env=service.env).returncode == 0
-    assert leftovers(tmp_path) == NOTHING
+    assert leftovers(config_path) == NOTHING
 
 
 def test_a_failure_through_the_service_is_one_line_in_xenstore_and_on_stderr(
@@ -110,7 +110,7 @@ def test_a_failure_through_the_service_is_one_line_in_xenstore_and_on_stderr(
     assert error == "add failed: image %s/does-not-exist does not exist" % ceph_cluster.pool
     assert result.stderr.strip().splitlines() == ["block-rbd: %s: %s" % (path, error)]
     assert libxl.run("remove", path, env=service.env).returncode == 0
-    assert leftovers(tmp_path) == NOTHING
+    assert leftovers(config_path) == NOTHING
 
 
 def test_disks_outlive_a_crash_of_the_service(service, libxl, config_path, make_image, ceph_cluster, tmp_path):
@@ -129,7 +129,7 @@ def test_disks_outlive_a_crash_of_the_service(service, libxl, config_path, make_
     # the next run finds no service and does the remove itself
     result = libxl.run("remove", path, env=service.env)
     assert result.returncode == 0, result.stderr
-    assert leftovers(tmp_path) == NOTHING
+    assert leftovers(config_path) == NOTHING
 
 
 def test_a_service_that_does_not_answer_is_bypassed_and_never_runs_the_request_again(
@@ -150,7 +150,7 @@ def test_a_service_that_does_not_answer_is_bypassed_and_never_runs_the_request_a
     assert len(re.findall(r"INFO %s: add: " % re.escape(path), log_text)) == 1
     assert str(service.proc.pid) not in run_pids(log_text, path)
     assert libxl.run("remove", path, env=service.env).returncode == 0
-    assert leftovers(tmp_path) == NOTHING
+    assert leftovers(config_path) == NOTHING
 
 
 def test_another_configuration_runs_in_process(service, libxl, ceph_cluster, make_image, tmp_path):
@@ -164,7 +164,7 @@ def test_another_configuration_runs_in_process(service, libxl, ceph_cluster, mak
     log_text = (other_tmp / "xen-hotplug.log").read_text()
     assert run_pids(log_text, path) and str(service.proc.pid) not in run_pids(log_text, path)
     assert libxl.run("remove", path, env=env).returncode == 0
-    assert leftovers(other_tmp) == NOTHING
+    assert leftovers(other) == NOTHING
 
 
 def test_only_root_is_served(service):
@@ -210,7 +210,7 @@ def test_sixteen_concurrent_adds_and_removes_share_the_service(
     assert set().union(*(run_pids(log_text, p) for p in paths)) == {str(service.proc.pid)}
     removed = storm("remove")
     assert [p for p, r in removed.items() if r.returncode != 0] == []
-    assert leftovers(tmp_path) == NOTHING
+    assert leftovers(config_path) == NOTHING
 
 
 def test_it_exits_when_idle(config_path, xenstored):
@@ -248,4 +248,4 @@ def test_socket_activation_as_systemd_does_it(config_path, xenstored, libxl, mak
         assert libxl.run("remove", path, env=svc.env).returncode == 0
     finally:
         svc.stop()
-    assert leftovers(tmp_path) == NOTHING
+    assert leftovers(config_path) == NOTHING

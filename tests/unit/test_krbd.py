@@ -630,7 +630,7 @@ def test_unmap_writes_the_device_id(mapper, bus):
     assert bus.removes == ["0", "0"]
 
 
-def test_unmap_retries_a_busy_device_then_succeeds(mapper, bus):
+def test_unmap_retries_a_busy_device_then_succeeds(mapper, bus, monkeypatch):
     mapping = mapper.map(ImageSpec("rbd", "vm1"), False)
     bus.busy["0"] = 1
     original = bus.remove
@@ -639,7 +639,7 @@ def test_unmap_retries_a_busy_device_then_succeeds(mapper, bus):
         if len(bus.removes) == 2:
             bus.busy.clear()  # the guest let go
         return original(dev_id, force)
-    bus.remove = remove
+    monkeypatch.setattr(bus, "remove", remove)
     mapper.unmap(mapping)
     assert bus.removes == ["0", "0", "0"]
     assert mapper.mapped() == []
