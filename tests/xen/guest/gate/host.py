@@ -72,7 +72,7 @@ def host_action(ctx, action, args):
             time.sleep(secs)
         finally:
             os.kill(pid, signal.SIGCONT)
-        return "osd.0 (pid %d) stopped for %.0f s, continued" % (pid, secs)
+        return "osd.0 (pid %d) stopped for %.0f s, continued%s" % (pid, secs, unlag(ctx))
     if action == "restart-mon":  # [seconds to leave it down]
         t0 = time.time()
         p = ctx.cluster_ctl("restart-mon", "--down", args[0] if args else 0)
@@ -81,6 +81,34 @@ def host_action(ctx, action, args):
         return "mon.a down %s s, answering again after %.1f s (pid %s)" % (
             args[0] if args else 0, time.time() - t0, cluster_pids(ctx)["mon.a"])
     raise ValueError("unknown host action %r" % action)
+
+
+def laggy_pgs(ctx):
+    p = ctx.admin(["ceph", "pg", "ls", "-f", "json"], timeout=30)
+    if p.returncode != 0:
+        raise RuntimeError("ceph pg ls: %s" % p.stderr.strip()[-300:])
+    return sorted(pg["pgid"] for pg in json.loads(p.stdout)["pg_stats"]
+                  if "laggy" in pg["state"] or "wait" in pg["state"])
+
+
+def unlag(ctx, settle=5, limit=60):
+    """A PG whose read lease ran out during the stop goes laggy; in this size-1 pool no peer
+    renews the lease, so it can stay laggy for good (seen once: the image header's PG, and
+    krbd's unwatch then hung in the kernel).  Re-peer such PGs, as a replica's return would."""
+    started = time.time()
+    repeered = []
+    while True:
+        laggy = laggy_pgs(ctx)
+        if not laggy:
+            return "; re-peered laggy PG %s" % " ".join(repeered) if repeered else ""
+        waited = time.time() - started
+        if waited > limit:
+            raise RuntimeError("PGs %s still laggy %.0f s after the OSD continued" % (laggy, waited))
+        if waited > settle and not repeered:
+            for pgid in laggy:
+                ctx.admin(["ceph", "pg", "repeer", pgid], timeout=30)
+            repeered = laggy
+        time.sleep(1)
 
 
 def cluster_pids(ctx):
