@@ -27,7 +27,7 @@ def setup(tmp_path, monkeypatch, xenstored):
     log = tmp_path / "xen-hotplug.log"
     cfg = tmp_path / "block-rbd.yaml"
     cfg.write_text("pool: rbd\nmapper: fuse\nhost: testhost\nstate_dir: %s\nlog: {file: %s, syslog: false}\n"
-                   "timeouts: {hotplug: 2}\n" % (tmp_path / "state", log))
+                   "timeouts: {hotplug: 20}\n" % (tmp_path / "state", log))
     monkeypatch.setenv("BLOCK_RBD_CONFIG", str(cfg))
     for key, value in (("params", "rbd:vm1"), ("mode", "w"), ("frontend-id", "5")):
         xenstored.write("%s/%s" % (FULL, key), value)
@@ -121,6 +121,7 @@ def test_internal_error_is_still_one_line(setup, mocker, capsys):
 
 def test_add_gives_up_within_the_hotplug_budget(setup, mocker):
     """A step that would outlast the budget (2 s here) is cut at the budget, not at a fixed step timeout."""
+    setup.cfg.write_text(setup.cfg.read_text().replace("hotplug: 20", "hotplug: 2"))
     mocker.patch.object(hotplug, "Cluster")
     mocker.patch.object(hotplug, "Registry")
     mocker.patch.object(attachments, "attach", side_effect=lambda *a, **k: process.run(["sleep", "30"]))
