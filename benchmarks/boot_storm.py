@@ -348,7 +348,7 @@ class Storms:
 
     def check_and_clean(self, work, images):
         """What the storm left (loops, mounts, daemons, state records, registrations), removed."""
-        left = leftovers(work)
+        left = leftovers(os.path.join(work, "block-rbd.yaml"))
         state = os.path.join(work, "state")
         records = [p for p in glob.glob(os.path.join(state, "**", "*"), recursive=True)
                    if os.path.isfile(p) and not p.startswith(os.path.join(state, "locks") + os.sep)]
@@ -365,7 +365,7 @@ class Storms:
                 keys = [key for key, _value in items]
             if keys:
                 regs[header] = keys
-        reap_fuse_mounts(work)
+        reap_fuse_mounts(os.path.join(work, "fuse"))
         for pid in fuse_daemons(os.path.join(work, "fuse")):
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -598,7 +598,8 @@ def main():
                         sys.stdout.flush()
             finally:
                 kill_all()
-                reap_fuse_mounts(work)
+                for mount_dir in [os.path.join(work, "floor")] + glob.glob(os.path.join(work, "*", "fuse")):
+                    reap_fuse_mounts(mount_dir)
                 ioctx.close()
                 handle.shutdown()
     except KeyboardInterrupt:

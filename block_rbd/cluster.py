@@ -83,6 +83,13 @@ class Cluster:
     def connected(self):
         return self._rados is not None
 
+    # What a connection is made of: a configuration that differs in these needs another.
+    IDENTITY = ("ceph.conf", "ceph.id", "ceph.keyring", "timeouts.connect", "timeouts.op")
+
+    def serves(self, config):
+        """Whether this connection is the one `config` would make."""
+        return all(self.config[key] == config[key] for key in self.IDENTITY)
+
     def _connect(self):
         rados, _rbd = bindings()
         cfg = self.config

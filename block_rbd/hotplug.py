@@ -143,7 +143,8 @@ def run(command, path, started=None, cluster=None, xs_env=None, own_logging=True
         config = config_mod.load()
         if own_logging:
             log_mod.setup(config["log.file"], config["log.syslog"], config["log.verbose"])
-        if cluster is None:
+        if cluster is None or not cluster.serves(config):
+            # (the service's connection predates an edit of the cephx identity: not ours to use)
             cluster = own_cluster = Cluster(config)
         with deadline.budget(deadline.Deadline(config["timeouts.hotplug"], started)):
             log.debug("%s: start (XENBUS_PATH=%s)", command, path)

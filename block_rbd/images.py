@@ -5,8 +5,8 @@ connection, and every call is bounded by the connection's op timeouts.
 """
 
 import logging
-import time
 
+from . import deadline
 from .cluster import bindings, translate
 from .errors import BlockRbdError, ClusterError, CloneConflict, ImageInUse, ImageNotFound
 from .target import ImageSpec
@@ -137,19 +137,19 @@ def clone(cluster, golden, child, size=None):
 
 def wait_for_same_parent(cluster, child, golden, settle=CLONE_SETTLE):
     """Succeed once child shows golden as its parent; CloneConflict if it is another image."""
-    deadline = time.monotonic() + settle
-    found = None
-    while True:
+    found = []
+
+    def same_parent():
         try:
-            found = parent_of(cluster, child)
+            found[:] = [parent_of(cluster, child)]
         except ImageNotFound:
-            found = None  # the winner is between creating the header and linking the parent
-        if found == golden:
-            return
-        if time.monotonic() > deadline:
-            raise CloneConflict("%s already exists and is not a clone of %s%s" % (
-                child, golden, " (its parent is %s)" % found if found else ""))
-        time.sleep(SETTLE_STEP)
+            found[:] = [None]  # the winner is between creating the header and linking the parent
+        return found[0] == golden
+
+    deadline.retry(same_parent, what="the clone %s of %s" % (child, golden), cap=settle,
+                   interval=SETTLE_STEP, max_interval=SETTLE_STEP,
+                   give_up=lambda _waited: CloneConflict("%s already exists and is not a clone of %s%s" % (
+                       child, golden, " (its parent is %s)" % found[0] if found and found[0] else "")))
 
 
 def parent_of(cluster, spec):

@@ -30,11 +30,11 @@ import threading
 import time
 
 from . import config as config_mod
-from . import hotplug
+from . import deadline, hotplug
 from . import log as log_mod
 from . import process
 from .cluster import Cluster
-from .errors import BlockRbdError
+from .errors import BlockRbdError, HotplugTimeout
 
 log = logging.getLogger("block-rbd")
 
@@ -123,17 +123,21 @@ class Service:
 
     def _drain(self):
         """Let runs in flight finish (each is bounded by its own budget)."""
-        end = time.monotonic() + hotplug.deadline.LIBXL_KILL
-        while time.monotonic() < end:
+        def idle():
             with self.lock:
-                if self.busy == 0:
-                    return
-            time.sleep(0.05)
+                return self.busy == 0
+
+        try:
+            deadline.retry(idle, what="runs in flight", cap=deadline.LIBXL_KILL, interval=0.05, max_interval=0.05,
+                           give_up=lambda waited: HotplugTimeout("%d run(s) still going after %.0f s"
+                                                                  % (self.busy, waited)))
+        except HotplugTimeout as exc:
+            log.error("stopping anyway: %s", exc)
 
     def _handle(self, conn):
         try:
             with conn:
-                conn.settimeout(hotplug.deadline.LIBXL_KILL)
+                conn.settimeout(deadline.LIBXL_KILL)
                 self._converse(conn)
         except (OSError, ValueError) as exc:
             log.warning("a request ended early: %s", exc)
