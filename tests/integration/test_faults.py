@@ -3,6 +3,7 @@ add, leftovers of killed runs, xenstore tools that answer slowly.  (Monitors gon
 add: test_failures.py::test_cluster_down.)"""
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -190,3 +191,21 @@ def test_slow_xenstore_tools_still_add_within_the_budget(libxl, xenstored, confi
     assert "timed out" not in log_text
     assert took > 5  # the delay was real: the slow tool would have hit the old cap
     assert leftovers(config_path) == NOTHING
+
+
+def test_the_budget_counts_from_the_process_start(libxl, ceph_cluster, make_image, tmp_path, monkeypatch):
+    """libxl's 40 s count from its fork, and so does the run's budget: an interpreter that is
+    slow to start (a busy dom0) has spent part of it.  Here 2.5 s pass between the fork and
+    the exec of the script, with a budget of 2 s: the run must give up at once, cleanly."""
+    config = write_config(tmp_path / "block-rbd.yaml", ceph_cluster, str(tmp_path), **{"timeouts.hotplug": 2})
+    monkeypatch.setenv("BLOCK_RBD_CONFIG", config)
+    image = make_image(size=4 * MiB)
+    path = libxl.backend("%s:%s" % (ceph_cluster.pool, image))
+    env = dict(os.environ, XENBUS_PATH=path, XENBUS_TYPE="vbd", XENBUS_BASE_PATH="backend",
+               BLOCK_RBD_SOCKET=str(tmp_path / "no-service"))
+    result = subprocess.run(["sh", "-c", 'sleep 2.5; exec "$0" add', SCRIPT], env=env, cwd="/",
+                            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    error = libxl.keys(path)["hotplug-error"]
+    assert error.startswith("add failed: the run's time budget (2 s) was used up before "), error
+    assert leftovers(config) == NOTHING
