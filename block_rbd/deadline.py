@@ -17,9 +17,12 @@ import time
 
 from .errors import HotplugTimeout
 
-# libxl kills the script at 40 s; cleaning up after a failure must end before that.
+# libxl kills the script at 40 s (counted from its fork, as the budget is).  Undoing a
+# failed run may go on until CLEANUP_END, reporting it until REPORT_END: a few seconds
+# are left for the exit to reach libxl on a busy dom0.
 LIBXL_KILL = 40.0
-CLEANUP_END = LIBXL_KILL - 3.0
+CLEANUP_END = LIBXL_KILL - 6.0
+REPORT_END = LIBXL_KILL - 4.0
 
 _current = contextvars.ContextVar("block_rbd_deadline", default=None)
 

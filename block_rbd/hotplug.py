@@ -161,7 +161,7 @@ def run(command, path, started=None, cluster=None, xs_env=None, own_logging=True
             own_cluster.close()
     log.error("%s failed: %s", command, message)
     try:
-        with deadline.budget(deadline.Deadline(deadline.LIBXL_KILL - 1, started)):
+        with deadline.budget(deadline.Deadline(deadline.REPORT_END, started)):
             backend.failed("%s failed: %s" % (command, message))
     except BlockRbdError as exc:
         log.error("could not report the failure in xenstore: %s", exc)
@@ -171,7 +171,7 @@ def run(command, path, started=None, cluster=None, xs_env=None, own_logging=True
 def _on_alarm(_signum, _frame):
     # Every step draws on the budget; this fires only if one did not.
     raise HotplugTimeout("still running %.0f s after start; giving up before libxl's SIGKILL"
-                         % (deadline.CLEANUP_END + 1))
+                         % deadline.CLEANUP_END)
 
 
 def main(command, environ=None, started=None):
@@ -186,7 +186,7 @@ def main(command, environ=None, started=None):
     # Log with the defaults until the configuration is read: a bad config must be logged too.
     log_mod.setup(config_mod.SCHEMA["log.file"][0])
     signal.signal(signal.SIGALRM, _on_alarm)
-    signal.alarm(int(deadline.CLEANUP_END) + 1)
+    signal.alarm(max(1, int(deadline.CLEANUP_END - (time.monotonic() - started))))
     try:
         return run(command, path, started)
     finally:
