@@ -64,6 +64,11 @@ def unmap_cmd(obj, what):
                                                             Registry(config))))
 
 
+def _users(row):
+    """Who uses a host_mappings() row: its Xen backends, and "manual" for `block-rbd map`."""
+    return row["backends"] + (["manual"] if row["manual"] else [])
+
+
 @click.command("showmapped")
 @format_option
 @click.pass_obj
@@ -76,14 +81,14 @@ def showmapped_cmd(obj, fmt):
     header = ("IMAGE", "SNAP", "MODE", "MAPPER", "DEVICE", "USED BY")
     table = [header] + [
         (r["image"], r["snap"] or "-", r["mode"], r["mapper"] or "-", r["device"] or "(missing)",
-         ",".join(r["backends"] + (["manual"] if r["manual"] else [])) or
+         ",".join(_users(r)) or
          ("-" if r["managed"] else "(not block-rbd)"))
         for r in rows if not r["pending_release"]]
     echo_table(table)
     for r in rows:
         if r["pending_release"]:
             click.echo("pending cluster-wide release: %s by %s (block-rbd release-pending)"
-                       % (r["image"], ",".join(r["backends"] + (["manual"] if r["manual"] else []))))
+                       % (r["image"], ",".join(_users(r))))
 
 
 @click.command("status")
@@ -110,8 +115,8 @@ def status_cmd(obj, target, fmt):
     for row in here:
         if row["pending_release"]:
             click.echo("cluster-wide release pending on this host for %s" % ", ".join(
-                row["backends"] + (["manual"] if row["manual"] else [])))
+                _users(row)))
             continue
         click.echo("mapped on this host: %s %s via %s, used by %s" % (
             row["device"] or "(missing)", row["mode"], row["mapper"],
-            ", ".join(row["backends"] + (["manual"] if row["manual"] else [])) or "-"))
+            ", ".join(_users(row)) or "-"))
