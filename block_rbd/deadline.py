@@ -18,11 +18,12 @@ import time
 from .errors import HotplugTimeout
 
 # libxl kills the script at 40 s (counted from its fork, as the budget is).  Undoing a
-# failed run may go on until CLEANUP_END, reporting it until REPORT_END: a few seconds
-# are left for the exit to reach libxl on a busy dom0.
+# failed run may go on until CLEANUP_END (what it leaves, the remove libxl runs next
+# finishes); reporting it gets until REPORT_END, seconds of its own: on an overloaded
+# dom0 one xenstore-write took over a second.
 LIBXL_KILL = 40.0
-CLEANUP_END = LIBXL_KILL - 6.0
-REPORT_END = LIBXL_KILL - 4.0
+CLEANUP_END = LIBXL_KILL - 7.0
+REPORT_END = LIBXL_KILL - 3.0
 
 _current = contextvars.ContextVar("block_rbd_deadline", default=None)
 
