@@ -126,19 +126,22 @@ def _finish_pending(config, cluster):
         log.warning("%d cluster-wide release(s) still pending", len(left))
 
 
-def run(command, path, started=None, cluster=None, xs_env=None, own_logging=True):
+def run(command, path, started=None, cluster=None, xs_env=None, own_logging=True, before_report=None):
     """One hotplug run for backend `path`; returns the exit code.
 
     `started`: when the run began (CLOCK_MONOTONIC), for its budget.
     `cluster`: a shared connection (the service's), else one of our own.
     own_logging: set up the log handlers from the configuration (in-process);
-    the service has set up its own.
+    the service has set up its own.  before_report: called once the work is
+    over, before a failure is reported (in-process: disarm the alarm, so it
+    never cuts the report short).
     """
     started = time.monotonic() if started is None else started
     log_mod.set_context(path)
     xs = Xenstore(env=xs_env)
     backend = Backend(xs, path)
     own_cluster = None
+    message = None
     try:
         config = config_mod.load()
         if own_logging:
@@ -150,22 +153,25 @@ def run(command, path, started=None, cluster=None, xs_env=None, own_logging=True
             log.debug("%s: start (XENBUS_PATH=%s)", command, path)
             (add if command == "add" else remove)(config, backend, cluster)
             _finish_pending(config, cluster)
-        return 0
     except BlockRbdError as exc:
         message = str(exc)
     except Exception as exc:  # a bug: still tell libxl and the operator, in one line
         log.debug("internal error", exc_info=True)
         message = "internal error: %s: %s" % (type(exc).__name__, " ".join(str(exc).split()))
-    finally:
-        if own_cluster is not None:
-            own_cluster.close()
-    log.error("%s failed: %s", command, message)
-    try:
-        with deadline.budget(deadline.Deadline(deadline.REPORT_END, started)):
-            backend.failed("%s failed: %s" % (command, message))
-    except BlockRbdError as exc:
-        log.error("could not report the failure in xenstore: %s", exc)
-    return 1
+    if before_report is not None:
+        before_report()
+    if message is not None:
+        log.error("%s failed: %s", command, message)
+        try:
+            with deadline.budget(deadline.Deadline(deadline.REPORT_END, started)):
+                backend.failed("%s failed: %s" % (command, message))
+        except BlockRbdError as exc:
+            log.error("could not report the failure in xenstore: %s", exc)
+    if own_cluster is not None and time.monotonic() - started < deadline.CLEANUP_END:
+        # After the report, and only while there is time: shutting librados down can take
+        # seconds on an overloaded dom0, and the process's exit frees it all the same.
+        own_cluster.close()
+    return 0 if message is None else 1
 
 
 def _on_alarm(_signum, _frame):
@@ -188,6 +194,6 @@ def main(command, environ=None, started=None):
     signal.signal(signal.SIGALRM, _on_alarm)
     signal.alarm(max(1, int(deadline.CLEANUP_END - (time.monotonic() - started))))
     try:
-        return run(command, path, started)
+        return run(command, path, started, before_report=lambda: signal.alarm(0))
     finally:
         signal.alarm(0)
