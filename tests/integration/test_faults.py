@@ -208,4 +208,5 @@ def test_the_budget_counts_from_the_process_start(libxl, ceph_cluster, make_imag
     assert result.returncode == 1
     error = libxl.keys(path)["hotplug-error"]
     assert error.startswith("add failed: the run's time budget (2 s) was used up before "), error
+    assert result.stderr.strip().splitlines() == ["block-rbd: %s: %s" % (path, error)]  # one line, no traceback
     assert leftovers(config) == NOTHING
