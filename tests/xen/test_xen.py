@@ -21,8 +21,7 @@ GATE = os.path.join(HERE, "guest", "gate")
 SCENARIOS = [
     "krbd-attach", "nbd-attach", "ro-attach", "missing-image", "pv-guest-4disks",
     "pygrub-guest", "pytest-dom0-krbd", "pytest-dom0-nbd", "bench-attach", "mon-restart-add",
-    "osd-stall-guest", "storm-krbd-service", "storm-nbd-service", "storm-krbd", "storm-nbd",
-    "nothing-left-mapped",
+    "osd-stall-guest", "storm-krbd-service", "storm-nbd-service", "nothing-left-mapped",
 ]
 # Under TCG one run takes ~12 min of one core; a busy machine stretches that.
 TIMEOUT = int(os.environ.get("BLOCK_RBD_XEN_TIMEOUT", "2400"))
