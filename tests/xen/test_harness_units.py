@@ -137,3 +137,43 @@ def test_control_runs_host_actions_and_replies(monkeypatch):
                        "error RuntimeError: no such fault\n"]
     assert [a["request"] for a in control.actions] == ["osd-pause 20", "boom"]
     assert control.actions[0]["reply"].startswith("ok ")
+
+
+LIB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dom0", "brbd-lib.sh")
+
+
+def test_a_hung_scenario_is_killed_reported_and_cleaned_up_after(tmp_path):
+    """brbd_scenario (dom0's busybox sh): a scenario past its limit is killed with what it
+    started and reported FAIL; a failed one is cleaned up after; the rest still run."""
+    import shutil
+    import subprocess
+    import pytest
+    busybox = shutil.which("busybox")
+    if not busybox:
+        pytest.skip("busybox not installed (Debian package busybox-static; make deps installs it)")
+    out = tmp_path / "out"
+    lib = tmp_path / "lib.sh"
+    with open(LIB) as fh:
+        lib.write_text(fh.read().replace("OUT=/brbd/out", "OUT=%s" % out))
+    prog = tmp_path / "prog.sh"
+    prog.write_text(". %s\n" % lib + r"""
+brbd_after_fail() { echo "cleaned up"; }
+ok() { echo fine; }
+bad() { echo oops; false; echo never; }
+hang() { echo hanging; sleep 101 & sleep 102; }
+skip() { echo "no such thing here"; exit 77; }
+brbd_scenario a ok
+brbd_scenario b bad
+brbd_scenario -t 1 c hang
+brbd_scenario d skip
+""")
+    p = subprocess.run([busybox, "sh", str(prog)], capture_output=True, text=True, timeout=60)
+    results = [line.split(" ", 3) for line in p.stdout.splitlines() if line.startswith("BRBD-RESULT")]
+    assert [(r[1], r[2]) for r in results] == [("a", "PASS"), ("b", "FAIL"), ("c", "FAIL"), ("d", "SKIP")]
+    by_name = {line.split()[1]: line for line in p.stdout.splitlines() if line.startswith("BRBD-RESULT")}
+    assert "rc=1 oops" in by_name["b"]
+    assert "hung: still running after 1 s, killed (hanging)" in by_name["c"]
+    assert "after b: cleaned up" in p.stdout and "after c: cleaned up" in p.stdout
+    assert "after a:" not in p.stdout and "after d:" not in p.stdout
+    left = subprocess.run(["pgrep", "-f", "sleep 10[12]"], capture_output=True, text=True).stdout
+    assert not left.strip(), "the hung scenario's processes are still running: %s" % left

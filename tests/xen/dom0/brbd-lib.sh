@@ -7,12 +7,17 @@ brbd_now() { read _up _rest < /proc/uptime; echo $_up; }
 # brbd_result NAME PASS|FAIL|SKIP SECONDS DETAIL...
 brbd_result() { _n=$1 _s=$2 _t=$3; shift 3; echo "BRBD-RESULT $_n $_s $_t $*"; }
 
-# brbd_scenario NAME FUNC [ARGS]: run FUNC in a subshell (set -e), log to
+# brbd_scenario [-t SECS] NAME FUNC [ARGS]: run FUNC in a subshell (set -e), log to
 # $OUT/scenarios/NAME.log, report PASS/FAIL with the time and the log's last line.
 # A FUNC exiting 77 reports SKIP.  The BEGIN mark lets the host name a scenario that
-# never reported (hung until the run's timeout).  BRBD_ONLY (BLOCK_RBD_XEN_ONLY on the
-# host: names separated by spaces) runs only those scenarios.
+# never reported.  A scenario still running after SECS (default BRBD_SCENARIO_LIMIT) has
+# hung: it is killed and reported FAIL.  After a FAIL, brbd_after_fail (if the program
+# defines it) cleans up, so that the scenarios after it start clean.  BRBD_ONLY (BLOCK_RBD_XEN_ONLY on
+# the host: names separated by spaces) runs only those scenarios.
+BRBD_SCENARIO_LIMIT=${BRBD_SCENARIO_LIMIT:-300}
 brbd_scenario() {
+    _limit=$BRBD_SCENARIO_LIMIT
+    [ "$1" = -t ] && { _limit=$2; shift 2; }
     _name=$1; shift
     case " ${BRBD_ONLY:-$_name} " in
         *" $_name "*) ;;
@@ -21,18 +26,52 @@ brbd_scenario() {
     _log=$OUT/scenarios/$_name.log
     _t0=$(brbd_now)
     echo "BRBD-SCENARIO-BEGIN $_name $_t0"
-    ( set -e; "$@" ) > $_log 2>&1
+    ( set -e; "$@" ) > $_log 2>&1 &
+    _pid=$!
+    rm -f /run/brbd-scenario.hung
+    ( sleep $_limit; touch /run/brbd-scenario.hung; brbd_kill_tree $_pid ) > /dev/null 2>&1 &
+    _dog=$!
+    wait $_pid
     _rc=$?
+    brbd_kill_tree $_dog
     _t1=$(brbd_now)
     _secs=$(awk "BEGIN{printf \"%.2f\", $_t1-$_t0}")
+    if [ -e /run/brbd-scenario.hung ]; then
+        rm -f /run/brbd-scenario.hung
+        echo "block-rbd gate: $_name still running after $_limit s: killed" >> $_log
+        brbd_result $_name FAIL $_secs "hung: still running after $_limit s, killed ($(tail -n 2 $_log | head -n 1 | tr '\t\r' '  ' | cut -c1-150))"
+        echo "---- $_log (tail) ----"; tail -n 25 $_log; echo "----"
+        brbd_cleanup_after $_name
+        return 0
+    fi
     _detail=$(tail -n 1 $_log | tr '\t\r' '  ' | cut -c1-200)
     case $_rc in
         0) brbd_result $_name PASS $_secs "$_detail" ;;
         77) brbd_result $_name SKIP $_secs "$_detail" ;;
         *) brbd_result $_name FAIL $_secs "rc=$_rc $_detail"
-           echo "---- $_log (tail) ----"; tail -n 25 $_log; echo "----" ;;
+           echo "---- $_log (tail) ----"; tail -n 25 $_log; echo "----"
+           brbd_cleanup_after $_name ;;
     esac
     return 0
+}
+
+brbd_cleanup_after() {  # $1 scenario
+    command -v brbd_after_fail > /dev/null || return 0
+    brbd_after_fail > $OUT/scenarios/$1.cleanup.log 2>&1
+    echo "after $1: $(tail -n 1 $OUT/scenarios/$1.cleanup.log)"
+}
+
+# brbd_kill_tree PID: SIGKILL PID and every process below it (daemons that detached to
+# init are not below it: the cleanup after a hang deals with those)
+brbd_kill_tree() {
+    _kids=$(brbd_descendants $1)
+    kill -KILL $1 $_kids 2>/dev/null
+}
+brbd_descendants() {
+    for _c in $(awk -v p=$1 '$4 == p {print $1}' /proc/[0-9]*/stat 2>/dev/null); do
+        echo $_c
+        brbd_descendants $_c
+    done
 }
 
 # brbd_timed LABEL CMD...: run CMD, append "LABEL <seconds> rc=<rc>" to $OUT/timings.txt

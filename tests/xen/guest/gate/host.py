@@ -83,32 +83,69 @@ def host_action(ctx, action, args):
     raise ValueError("unknown host action %r" % action)
 
 
-def laggy_pgs(ctx):
-    p = ctx.admin(["ceph", "pg", "ls", "-f", "json"], timeout=30)
+# Runs inside the namespace as the admin: one object per PG of the pool is read (written
+# first if need be), each op bounded; prints the PGs that did not answer, as JSON.
+PROBE = r"""
+import json, sys, rados
+conf, keyring, pool, secs = sys.argv[1:5]
+c = rados.Rados(conffile=conf, rados_id="admin",
+                conf={"keyring": keyring, "rados_osd_op_timeout": secs, "rados_mon_op_timeout": secs})
+c.connect(timeout=int(float(secs)))
+io = c.open_ioctx(pool)
+
+def mon(**cmd):
+    ret, out, err = c.mon_command(json.dumps(dict(cmd, format="json")), b"")
+    if ret:
+        raise SystemExit("%s: %s" % (cmd["prefix"], err))
+    return json.loads(out)
+
+pg_num = mon(prefix="osd pool get", pool=pool, var="pg_num")["pg_num"]
+objects = {}  # pgid -> an object name in it
+i = 0
+while len(objects) < pg_num and i < 100 * pg_num:
+    name = "brbd-probe-%d" % i
+    objects.setdefault(mon(prefix="osd map", pool=pool, object=name)["pgid"], name)
+    i += 1
+silent = []
+for pgid, name in sorted(objects.items()):
+    try:
+        io.write_full(name, b"probe")
+        io.read(name)
+        io.remove_object(name)
+    except rados.Error as exc:
+        silent.append([pgid, type(exc).__name__])
+print(json.dumps(silent))
+"""
+
+
+def silent_pgs(ctx, secs=10):
+    """[pgid, error] of the pool's PGs that do not serve a write and a read within secs."""
+    p = ctx.admin_python(PROBE, [str(secs)], timeout=secs * 40 + 60)
     if p.returncode != 0:
-        raise RuntimeError("ceph pg ls: %s" % p.stderr.strip()[-300:])
-    return sorted(pg["pgid"] for pg in json.loads(p.stdout)["pg_stats"]
-                  if "laggy" in pg["state"] or "wait" in pg["state"])
+        raise RuntimeError("PG probe: %s" % p.stderr.strip()[-300:])
+    return json.loads(p.stdout.strip().splitlines()[-1])
 
 
-def unlag(ctx, settle=5, limit=60):
-    """A PG whose read lease ran out during the stop goes laggy; in this size-1 pool no peer
-    renews the lease, so it can stay laggy for good (seen once: the image header's PG, and
-    krbd's unwatch then hung in the kernel).  Re-peer such PGs, as a replica's return would."""
+def unlag(ctx, limit=90):
+    """After the stop, every PG of the pool must serve I/O again, so that what comes next
+    tests block-rbd, not a wedged test cluster.  A PG whose read lease ran out during the
+    stop can stay laggy in this size-1 pool (no peer renews the lease; seen once: the
+    image header's PG, and krbd's unwatch then hung in the kernel): such PGs are re-peered,
+    as a replica's return would.  Probed by I/O, not by `ceph pg ls`, whose states lag."""
     started = time.time()
     repeered = []
     while True:
-        laggy = laggy_pgs(ctx)
-        if not laggy:
-            return "; re-peered laggy PG %s" % " ".join(repeered) if repeered else ""
+        silent = silent_pgs(ctx)
+        if not silent:
+            return "; every PG answered%s %.1f s after" % (
+                " (re-peered %s)" % " ".join(repeered) if repeered else "", time.time() - started)
         waited = time.time() - started
         if waited > limit:
-            raise RuntimeError("PGs %s still laggy %.0f s after the OSD continued" % (laggy, waited))
-        if waited > settle and not repeered:
-            for pgid in laggy:
-                ctx.admin(["ceph", "pg", "repeer", pgid], timeout=30)
-            repeered = laggy
-        time.sleep(1)
+            raise RuntimeError("PGs %s still not serving I/O %.0f s after the OSD continued" % (silent, waited))
+        for pgid, _error in silent:
+            ctx.admin(["ceph", "pg", "repeer", pgid], timeout=30)
+            repeered.append(pgid)
+        time.sleep(2)
 
 
 def cluster_pids(ctx):

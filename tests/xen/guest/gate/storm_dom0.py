@@ -43,7 +43,7 @@ BUDGET = 30  # block-rbd's timeouts.hotplug (default; dom0's block-rbd.yaml keep
 # --require-all applies when the floor storm took at most this share of the budget
 FLOOR_SHARE = 1 / 3
 # a storm run that takes this long has hung; let it run past libxl's limit to see how long
-RUN_LIMIT = 300
+RUN_LIMIT = 120
 
 
 def run(argv, timeout=60, **kw):
