@@ -156,6 +156,33 @@ class LocalState:
         finally:
             os.close(fd)  # closing releases the flock
 
+    @contextlib.contextmanager
+    def slot(self, kind, count):
+        """One of `count` host-wide slots for `kind`: at most `count` holders at once.
+
+        Waits within the run's budget (outside one at most lock_timeout).
+        """
+        os.makedirs(self.locks_dir, mode=0o700, exist_ok=True)
+        fds = [os.open(os.path.join(self.locks_dir, "%s.%d.slot" % (kind, i)),
+                       os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600) for i in range(count)]
+        try:
+            def attempt():
+                for fd in fds:
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        return True
+                    except BlockingIOError:
+                        pass
+                return False
+
+            deadline.retry(attempt, what="a %s slot" % kind, default=self.lock_timeout, max_interval=0.1,
+                           give_up=lambda waited: LockTimeout(
+                               "all %d %s slots of this host stayed busy for %.0f s" % (count, kind, waited)))
+            yield
+        finally:
+            for fd in fds:
+                os.close(fd)  # closing releases the flock
+
     # ---- mapping records --------------------------------------------------------
 
     def _path(self, spec, read_only):

@@ -15,17 +15,21 @@ A zombie keeps its comm and has an empty cmdline.
 and "--KEY=VALUE" for each -o option.
 """
 
+import errno
 import os
 import shutil
+import threading
+import time
 
 import pytest
 
-from block_rbd import process
+from block_rbd import deadline, process
 from block_rbd.config import from_dict
-from block_rbd.errors import CommandError, MapperError
+from block_rbd.errors import CommandError, HotplugTimeout, LockTimeout, MapperError
 from block_rbd.mappers import nbd as nbd_mod
 from block_rbd.mappers.nbd import NbdMapper, discover, option_args, spec_of_cmdline
 from block_rbd.process import Result
+from block_rbd.state import LocalState
 from block_rbd.target import ImageSpec
 
 NBDS_MAX = 16  # the nbd module's default number of devices
@@ -107,6 +111,18 @@ def host(tmp_path):
     return Host(tmp_path)
 
 
+@pytest.fixture(autouse=True)
+def slots(tmp_path, monkeypatch):
+    """The map slots in a private state dir, not the host's /run/block-rbd."""
+    made = []
+
+    def local_state(_state_dir, lock_timeout):
+        made.append(LocalState(str(tmp_path / "state"), lock_timeout))
+        return made[-1]
+    monkeypatch.setattr(nbd_mod, "LocalState", local_state)
+    return LocalState(str(tmp_path / "state"), 0.3)
+
+
 @pytest.fixture
 def config():
     return from_dict({"ceph": {"conf": "/etc/ceph/c.conf", "id": "dom0a", "keyring": "/etc/ceph/dom0a.keyring"},
@@ -128,14 +144,13 @@ class RbdNbd:
 
     `map` connects the first free device (or --device's) in the fake /sys and
     starts a daemon with the map's argv in the fake /proc, as the real tool
-    does before it prints the device; `unmap` disconnects it and the daemon exits.
+    does before it prints the device.  block-rbd's unmap starts no rbd-nbd (the `kernel` fixture).
     """
 
     def __init__(self, host):
         self.host = host
         self.calls = []
         self.map_result = None  # None: succeed and print the device it connected
-        self.unmap_error = None
 
     def __call__(self, argv, *, timeout=None, check=True, input=None, env=None, quiet=False):
         assert input is None and env is None
@@ -143,11 +158,6 @@ class RbdNbd:
         self.calls.append(argv)
         if argv[:2] == ["rbd-nbd", "map"]:
             return self._map(argv, check)
-        if argv[:2] == ["rbd-nbd", "unmap"]:
-            if self.unmap_error:
-                raise self.unmap_error
-            self.host.disconnect(argv[2])
-            return Result(argv, 0, "", "")
         raise AssertionError("unexpected command %r" % argv)
 
     def _map(self, argv, check):
@@ -376,29 +386,89 @@ def test_no_secret_in_argv(mapper, rbd_nbd):
 
 # ---- unmap ----------------------------------------------------------------------------------
 
-def test_unmap_argv_exactly(mapper, rbd_nbd, host):
+@pytest.fixture
+def kernel(host, monkeypatch):
+    """NBD_DISCONNECT as the kernel and the device's daemon answer it: the device is let go
+    and the daemon exits, at once or (exits_after) later, or never (exits_after=None)."""
+    class Kernel:
+        calls = []
+        exits_after = 0.0
+        error = None
+
+    def disconnect(device):
+        Kernel.calls.append(device)
+        if Kernel.error:
+            raise Kernel.error
+        with open(os.path.join(host.sys_root, "block", os.path.basename(device), "pid")) as handle:
+            pid = int(handle.read())
+        os.unlink(os.path.join(host.sys_root, "block", os.path.basename(device), "pid"))
+        if Kernel.exits_after == 0:
+            host.exit(pid)
+        elif Kernel.exits_after is not None:
+            threading.Timer(Kernel.exits_after, host.zombie, (pid,)).start()
+    monkeypatch.setattr(nbd_mod, "disconnect", disconnect)
+    return Kernel
+
+
+def test_unmap_disconnects_the_device_and_starts_nothing(mapper, rbd_nbd, host, kernel):
     mapper.map(ImageSpec("rbd", "vm1"), False)
     (mapping,) = mapper.mapped()
     mapper.unmap(mapping)
-    assert rbd_nbd.calls[-1] == ["rbd-nbd", "unmap", "/dev/nbd0"]
+    assert kernel.calls == ["/dev/nbd0"]
+    assert rbd_nbd.calls == [rbd_nbd.calls[0]]  # the map; the unmap started no rbd-nbd
     assert host.connected() == [] and mapper.mapped() == []
 
 
-def test_unmap_of_a_device_already_gone_does_nothing(mapper, rbd_nbd, host, config):
+def test_unmap_waits_for_the_daemon_to_exit(mapper, rbd_nbd, host, kernel):
+    """The daemon flushes and closes its image after the disconnect: unmap returns once it
+    has exited (here: a zombie), not while it may still hold the image's watch."""
+    mapper.map(ImageSpec("rbd", "vm1"), False)
+    (mapping,) = mapper.mapped()
+    kernel.exits_after = 0.4
+    started = time.monotonic()
+    mapper.unmap(mapping)
+    assert 0.35 < time.monotonic() - started < 3
+
+
+def test_a_daemon_that_does_not_exit_fails_the_unmap_within_the_budget(mapper, rbd_nbd, host, kernel):
+    mapper.map(ImageSpec("rbd", "vm1"), False)
+    (mapping,) = mapper.mapped()
+    kernel.exits_after = None
+    started = time.monotonic()
+    with deadline.budget(deadline.Deadline(0.5)):
+        with pytest.raises(MapperError, match=r"^the rbd-nbd daemon of /dev/nbd0 \(pid \d+\) was still running "
+                                              r"\d+ s after the disconnect$"):
+            mapper.unmap(mapping)
+    assert time.monotonic() - started < 2
+
+
+def test_unmap_of_a_device_already_gone_does_nothing(mapper, rbd_nbd, host, config, kernel):
     host.daemon("/dev/nbd0", ours(config, ImageSpec("rbd", "vm1")))
     (mapping,) = mapper.mapped()
     host.disconnect("/dev/nbd0")
     mapper.unmap(mapping)
-    assert rbd_nbd.calls == []
+    assert rbd_nbd.calls == [] and kernel.calls == []
 
 
-def test_unmap_failure(mapper, rbd_nbd, host, config):
+def test_unmap_failure(mapper, rbd_nbd, host, config, kernel):
     host.daemon("/dev/nbd0", ours(config, ImageSpec("rbd", "vm1")))
     (mapping,) = mapper.mapped()
-    rbd_nbd.unmap_error = CommandError("rbd-nbd unmap failed: rbd-nbd: failed to unmap: (16) Device or resource busy")
-    with pytest.raises(MapperError, match="^rbd-nbd unmap of /dev/nbd0 failed: .*Device or resource busy$"):
+    kernel.error = OSError(errno.EINVAL, "Invalid argument")
+    with pytest.raises(MapperError, match="^disconnecting /dev/nbd0 failed: Invalid argument$"):
         mapper.unmap(mapping)
-    assert rbd_nbd.calls == [["rbd-nbd", "unmap", "/dev/nbd0"]]
+    assert host.connected() == ["nbd0"]
+
+
+def test_disconnect_is_the_nbd_ioctl(tmp_path, mocker):
+    """NBD_DISCONNECT on the device opened read-write, closed after."""
+    dev = tmp_path / "nbd3"
+    dev.write_bytes(b"")
+    ioctl = mocker.patch.object(nbd_mod.fcntl, "ioctl")
+    nbd_mod.disconnect(str(dev))
+    (fd, request), _kw = ioctl.call_args
+    assert request == 0xAB08
+    with pytest.raises(OSError):
+        os.fstat(fd)  # closed
 
 
 # ---- options and availability ---------------------------------------------------------------------
@@ -446,3 +516,15 @@ def test_real_rbd_nbd_on_this_kernel_fails_cleanly(config, tmp_path):
         NbdMapper(cfg)._map(ImageSpec("rbd", "vm1"), False, ())
     assert str(info.value).startswith("rbd-nbd map of rbd/vm1 failed: ")
     assert "\n" not in str(info.value)
+
+
+def test_map_waits_for_a_free_slot_and_fails_cleanly_without_one(mapper, rbd_nbd, slots, monkeypatch):
+    """Only MAP_SLOTS `rbd-nbd map`s start at once on the host; with every slot held past
+    the wait, the map fails with one line and nothing was started."""
+    monkeypatch.setattr(nbd_mod, "MAP_SLOTS", 1)
+    with slots.slot("nbd-map", 1):
+        with deadline.budget(deadline.Deadline(0.3)):
+            with pytest.raises((LockTimeout, HotplugTimeout), match="nbd-map"):
+                mapper.map(ImageSpec("rbd", "vm1"), False)
+    assert rbd_nbd.calls == []
+    assert mapper.map(ImageSpec("rbd", "vm1"), False).device == "/dev/nbd0"

@@ -393,3 +393,62 @@ def test_within_a_budget_a_free_lock_is_taken_at_once(state):
         started = time.monotonic()
         with state.lock(SPEC):
             assert time.monotonic() - started < 0.5
+
+
+def test_slots_let_count_holders_in_at_once_and_the_next_waits(state):
+    state.lock_timeout = 0.3
+    with state.slot("nbd-map", 2), state.slot("nbd-map", 2):
+        started = time.monotonic()
+        with pytest.raises(LockTimeout, match="all 2 nbd-map slots of this host stayed busy"):
+            with state.slot("nbd-map", 2):
+                pass
+        assert 0.2 < time.monotonic() - started < 1.2
+        with state.slot("other", 1):  # another kind has slots of its own
+            pass
+    with state.slot("nbd-map", 2):  # both free again
+        pass
+
+
+def test_a_waiting_slot_is_taken_when_one_frees_within_the_budget(state):
+    order = []
+    entered = threading.Event()
+
+    def first():
+        with state.slot("nbd-map", 1):
+            entered.set()
+            time.sleep(0.4)
+            order.append("first done")
+
+    t = threading.Thread(target=first)
+    t.start()
+    assert entered.wait(5)
+    with deadline.budget(deadline.Deadline(5)):
+        with state.slot("nbd-map", 1):
+            order.append("second in")
+    t.join()
+    assert order == ["first done", "second in"]
+
+
+def test_slots_are_per_host_not_per_process(state):
+    """Slots bind runs of other processes (the in-process hotplug path) as well."""
+    ctx = multiprocessing.get_context("fork")
+    ready, release = ctx.Event(), ctx.Event()
+
+    def hold():
+        with LocalState(os.path.dirname(state.maps_dir)).slot("nbd-map", 1):
+            ready.set()
+            release.wait(10)
+
+    holder = ctx.Process(target=hold)
+    holder.start()
+    try:
+        assert ready.wait(10)
+        with deadline.budget(deadline.Deadline(0.3)):
+            with pytest.raises((LockTimeout, HotplugTimeout)):
+                with state.slot("nbd-map", 1):
+                    pass
+    finally:
+        release.set()
+        holder.join(10)
+    with state.slot("nbd-map", 1):
+        pass
