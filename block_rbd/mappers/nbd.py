@@ -9,6 +9,7 @@ import glob
 import logging
 import os
 import shutil
+import signal
 
 from .. import deadline, process
 from ..errors import CommandError, MapperError, TargetError
@@ -115,6 +116,28 @@ def discover(sys_root="/sys", proc_root="/proc"):
     return mappings
 
 
+def daemons(proc_root="/proc"):
+    """[(pid, argv)] of every rbd-nbd process, connected to a device or not."""
+    found = []
+    for comm_file in glob.glob(os.path.join(proc_root, "[0-9]*", "comm")):
+        pid_dir = os.path.dirname(comm_file)
+        try:
+            with open(comm_file) as handle:
+                if handle.read().strip() != "rbd-nbd":
+                    continue
+            with open(os.path.join(pid_dir, "cmdline"), "rb") as handle:
+                argv = handle.read().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        found.append((int(os.path.basename(pid_dir)), argv))
+    return sorted(found)
+
+
+def terminate(pid):
+    """SIGTERM: rbd-nbd disconnects what it connected, closes the image and exits."""
+    os.kill(pid, signal.SIGTERM)
+
+
 def option_args(options):
     """krbd-style "key=value" options as rbd-nbd flags, the way `rbd device map -t nbd` does."""
     args = []
@@ -185,12 +208,41 @@ class NbdMapper(Mapper):
                            % (mapping.device, pid, waited)))
         log.info("rbd-nbd unmapped %s (%s)", mapping.device, mapping.spec)
 
+    def discard_partial(self, spec, read_only):
+        """Stop the daemon of a map that was given up (its time ran out).
+
+        `rbd-nbd map` forks the daemon early; killing the map when the time is
+        up leaves the daemon going on, and it may connect a device after the
+        add has failed and cleaned up.  Under the image's local lock, an rbd-nbd
+        daemon of this image and mode that serves no device is such a one.
+        """
+        serving = {m.details.get("pid") for m in self.mapped()}
+        for pid, argv in daemons(self.proc_root):
+            if pid in serving or spec_of_cmdline(argv) != spec or ("--read-only" in argv) != read_only:
+                continue
+            try:
+                terminate(pid)
+            except ProcessLookupError:
+                continue
+            log.info("stopped rbd-nbd %d, left mapping %s by a map that was given up", pid, spec)
+            deadline.retry(lambda: self._exited(pid), what="the exit of rbd-nbd %d" % pid, default=DAEMON_EXIT,
+                           give_up=lambda waited: MapperError(
+                               "rbd-nbd %d (a map of %s that was given up) was still running %.0f s after SIGTERM"
+                               % (pid, spec, waited)))
+        # It may have connected a device before the signal: unmapped like any other.
+        mapping = self.find(spec, read_only)
+        if mapping is not None:
+            self.unmap(mapping)
+
+    def _exited(self, pid):
+        try:
+            with open(os.path.join(self.proc_root, str(pid), "cmdline"), "rb") as handle:
+                return not handle.read()  # a zombie's is empty
+        except OSError:
+            return True
+
     def _released(self, device, pid):
         """The kernel let go of the device and its daemon has exited (a zombie has)."""
         if os.path.exists(os.path.join(self.sys_root, "block", os.path.basename(device), "pid")):
             return False
-        try:
-            with open(os.path.join(self.proc_root, str(pid), "cmdline"), "rb") as handle:
-                return not handle.read()
-        except OSError:
-            return True
+        return self._exited(pid)

@@ -528,3 +528,59 @@ def test_map_waits_for_a_free_slot_and_fails_cleanly_without_one(mapper, rbd_nbd
                 mapper.map(ImageSpec("rbd", "vm1"), False)
     assert rbd_nbd.calls == []
     assert mapper.map(ImageSpec("rbd", "vm1"), False).device == "/dev/nbd0"
+
+
+# ---- a map that was given up ------------------------------------------------------------------
+
+@pytest.fixture
+def signals(host, monkeypatch):
+    """SIGTERM to a fake daemon: it exits (disconnecting its device, if any), unless stubborn."""
+    class Signals:
+        sent = []
+        stubborn = set()
+
+    def terminate(pid):
+        Signals.sent.append(pid)
+        if pid in Signals.stubborn:
+            return
+        for name in host.connected():
+            with open(os.path.join(host.sys_root, "block", name, "pid")) as handle:
+                if int(handle.read()) == pid:
+                    os.unlink(os.path.join(host.sys_root, "block", name, "pid"))
+        host.exit(pid)
+    monkeypatch.setattr(nbd_mod, "terminate", terminate)
+    return Signals
+
+
+def test_a_given_up_map_leaves_no_daemon_to_connect_later(mapper, host, config, signals, kernel):
+    """`rbd-nbd map` killed when the time ran out: its forked daemon is still starting and
+    would connect a device after the add failed.  The undo stops it, and only it."""
+    late = host.spawn(ours(config, ImageSpec("rbd", "vm1")))           # not connected yet
+    other_mode = host.spawn(ours(config, ImageSpec("rbd", "vm1"), True))
+    other_image = host.spawn(ours(config, ImageSpec("rbd", "vm2")))
+    serving = host.daemon("/dev/nbd0", ours(config, ImageSpec("rbd", "vm3")))
+    mapper.discard_partial(ImageSpec("rbd", "vm1"), False)
+    assert signals.sent == [late]
+    assert [pid for pid, _argv in nbd_mod.daemons(host.proc_root)] == sorted([other_mode, other_image, serving])
+    assert kernel.calls == []
+
+
+def test_a_given_up_map_that_connected_meanwhile_is_unmapped(mapper, host, config, signals, kernel):
+    host.daemon("/dev/nbd4", ours(config, ImageSpec("rbd", "vm1")))
+    mapper.discard_partial(ImageSpec("rbd", "vm1"), False)
+    assert kernel.calls == ["/dev/nbd4"] and host.connected() == []
+
+
+def test_a_daemon_that_ignores_sigterm_fails_the_undo_in_one_line(mapper, host, config, signals):
+    late = host.spawn(ours(config, ImageSpec("rbd", "vm1")))
+    signals.stubborn.add(late)
+    with deadline.budget(deadline.Deadline(0.4)):
+        with pytest.raises(MapperError, match=r"^rbd-nbd %d \(a map of rbd/vm1 that was given up\) was still "
+                                              r"running \d+ s after SIGTERM$" % late):
+            mapper.discard_partial(ImageSpec("rbd", "vm1"), False)
+
+
+def test_nothing_to_discard(mapper, host, signals, kernel):
+    host.spawn(["rbd-nbd", "list-mapped"])
+    mapper.discard_partial(ImageSpec("rbd", "vm1"), False)
+    assert signals.sent == [] and kernel.calls == []
