@@ -318,6 +318,11 @@ memstore_device_bytes = {memstore}
 # a fast shutdown skips the umount that saves memstore's data to osd_data:
 # kill_osd() + start_osd() must find the images again
 osd_fast_shutdown = false
+# A PG's read lease (osd_heartbeat_grace x this ratio; default 20 s x 0.8) that runs out
+# while the OSD is stopped makes the PG laggy, and in a size-1 pool no peer renews it: it
+# stays laggy, and every op to it hangs, for good (seen after a 20 s SIGSTOP, with
+# `ceph pg repeer` no help).  With 80 s a stop of up to 40 s cannot run it out.
+osd_pool_default_read_lease_ratio = 4
 """.format(fsid=self.fsid, mon_host=self.mon_host(), d=d, addr=self.addr,
            pgs=POOL_PGS, memstore=2 << 30, mgr_disabled=" ".join(_mgr_modules_to_skip()))
         with open(self.conf, "w") as f:
