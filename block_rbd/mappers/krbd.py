@@ -116,6 +116,39 @@ def uses_msgr2(options):
     return any(o.split("=", 1)[0] == "ms_mode" and o != "ms_mode=legacy" for o in options)
 
 
+def has_v1_monitor(mon_host):
+    """Whether mon_host names a monitor the kernel can reach without ms_mode (msgr1)."""
+    try:
+        kernel_mon_addrs(mon_host, False)
+        return True
+    except MapperError:
+        return False
+
+
+def kernel_has_msgr2(release=None):
+    """The kernel's Ceph client speaks msgr2 from Linux 5.11 on."""
+    release = release or platform.release()
+    try:
+        major, minor = (int(n) for n in release.split("-")[0].split(".")[:2])
+    except ValueError:
+        return False
+    return (major, minor) >= (5, 11)
+
+
+def msgr2_default(mon_host, options, release=None):
+    """ms_mode to add when the options name none and mon_host has no v1 monitor: the
+    kernel would otherwise have no address to use (a minimal generated ceph.conf may
+    carry v2 addresses only).  None when nothing is to be added."""
+    if any(o.split("=", 1)[0] == "ms_mode" for o in options) or has_v1_monitor(mon_host):
+        return None
+    if not kernel_has_msgr2(release):
+        raise MapperError(
+            "mon_host offers only msgr2 (v2) monitor addresses and this kernel (%s) has no msgr2 "
+            "client (Linux 5.11+): add the monitors' v1 addresses to mon_host in ceph.conf, or use mapper nbd"
+            % (release or platform.release()))
+    return "ms_mode=prefer-crc"
+
+
 def add_kernel_key(user, secret):
     """Put client.<user>'s secret in this process's keyring, as `rbd map` does."""
     number = _ADD_KEY.get(platform.machine())
@@ -223,7 +256,12 @@ class KrbdMapper(Mapper):
     def _map(self, spec, read_only, options):
         cfg = self.config
         opts = self.options(spec, read_only, options)
-        mons = kernel_mon_addrs(self.cluster.mon_host(), uses_msgr2(opts))
+        mon_host = self.cluster.mon_host()
+        added = msgr2_default(mon_host, opts)
+        if added:
+            opts.append(added)
+            log.info("mon_host offers only msgr2 addresses: krbd maps %s with %s", spec, added)
+        mons = kernel_mon_addrs(mon_host, uses_msgr2(opts))
         add_kernel_key(cfg["ceph.id"], keyring_secret(cfg.keyring, cfg["ceph.id"]))
         before = set(self.sysfs.devices())
         line = "%s %s %s %s %s" % (mons, ",".join(opts), spec.pool, spec.image, spec.snap or "-")

@@ -13,6 +13,7 @@ kernel's request_key() looks: the writing process's keyring.
 import base64
 import ctypes
 import errno
+import logging
 import os
 import platform
 import re
@@ -753,3 +754,54 @@ def test_real_cluster_mon_host_gives_a_line_the_kernel_accepts(ceph_cluster):
     v2 = ["%s:%s" % (ip, port) for kind, ip, port in ceph_cluster.mon_addrs if kind == "v2"]
     assert parse_ips(kernel_mon_addrs(mon_host, False)) == v1
     assert parse_ips(kernel_mon_addrs(mon_host, True)) == v2
+
+
+# ---- msgr2-only monitors ----------------------------------------------------------------------
+
+V2_ONLY = "[v2:127.0.0.1:3300/0]"
+
+
+def test_v2_only_monitors_get_ms_mode_prefer_crc_and_say_so(config, bus, caplog, mocker):
+    """A minimal generated ceph.conf may name v2 addresses only: with no ms_mode set,
+    the map chooses prefer-crc itself (the kernel speaks msgr2 from 5.11) and logs it."""
+    mocker.patch.object(krbd.platform, "release", return_value="6.1.0-28-amd64")
+    mapper = KrbdMapper(config, FakeCluster(V2_ONLY), sysfs=bus, sys_root=bus.sys_root)
+    with caplog.at_level(logging.INFO, logger="block-rbd"):
+        mapping = mapper.map(ImageSpec("rbd", "vm2"), True)
+    assert bus.lines == ["127.0.0.1:3300 name=dom0a,key=client.dom0a,mount_timeout=20,read_only,"
+                         "ms_mode=prefer-crc rbd vm2 -"]
+    assert mapping.read_only
+    assert "mon_host offers only msgr2 addresses: krbd maps rbd/vm2 with ms_mode=prefer-crc" in caplog.text
+
+
+def test_v2_only_monitors_on_a_kernel_without_msgr2_fail_in_one_line(config, bus, mocker):
+    mocker.patch.object(krbd.platform, "release", return_value="5.10.0-30-amd64")
+    mapper = KrbdMapper(config, FakeCluster(V2_ONLY), sysfs=bus, sys_root=bus.sys_root)
+    with pytest.raises(MapperError, match=r"^mon_host offers only msgr2 \(v2\) monitor addresses and this "
+                                          r"kernel \(5\.10\.0-30-amd64\) has no msgr2 client \(Linux 5\.11\+\): "
+                                          r"add the monitors' v1 addresses to mon_host in ceph\.conf, or use "
+                                          r"mapper nbd$"):
+        mapper.map(ImageSpec("rbd", "vm2"), False)
+    assert bus.lines == []
+
+
+def test_an_ms_mode_of_ones_own_is_kept(config, bus, mocker):
+    """Set by the operator: never overridden (legacy with v2-only monitors fails as before)."""
+    mocker.patch.object(krbd.platform, "release", return_value="6.1.0-28-amd64")
+    mapper = KrbdMapper(config, FakeCluster(V2_ONLY), sysfs=bus, sys_root=bus.sys_root)
+    mapper.map(ImageSpec("rbd", "vm2"), False, ("ms_mode=secure",))
+    assert bus.lines[-1] == "127.0.0.1:3300 name=dom0a,key=client.dom0a,ms_mode=secure,mount_timeout=20 rbd vm2 -"
+    with pytest.raises(MapperError, match="no v1 monitor address in mon_host"):
+        mapper.map(ImageSpec("rbd", "vm1"), False, ("ms_mode=legacy",))
+
+
+def test_monitors_with_v1_addresses_change_nothing(mapper, bus):
+    mapper.map(ImageSpec("rbd", "vm2"), False)
+    assert "ms_mode" not in bus.lines[-1]
+
+
+@pytest.mark.parametrize("release, msgr2", [
+    ("6.12.38+deb13-amd64", True), ("6.1.0-28-amd64", True), ("5.11.0", True),
+    ("5.10.0-30-amd64", False), ("4.19.0-27-amd64", False), ("weird", False)])
+def test_kernel_has_msgr2(release, msgr2):
+    assert krbd.kernel_has_msgr2(release) is msgr2

@@ -19,7 +19,7 @@ sys.path.insert(0, HERE)
 
 GATE = os.path.join(HERE, "guest", "gate")
 SCENARIOS = [
-    "krbd-attach", "nbd-attach", "ro-attach", "missing-image", "pv-guest-4disks",
+    "krbd-attach", "nbd-attach", "ro-attach", "missing-image", "msgr2-only-krbd", "pv-guest-4disks",
     "pygrub-guest", "pytest-dom0-krbd", "pytest-dom0-nbd", "bench-attach", "mon-restart-add",
     "osd-stall-guest", "storm-krbd-service", "storm-nbd-service", "nothing-left-mapped",
 ]
