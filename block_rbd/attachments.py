@@ -15,7 +15,7 @@ import time
 
 from . import deadline, mappers
 from .errors import BlockRbdError, ClusterError, FeaturesUnsupported, HotplugTimeout
-from .state import Holder, LocalState, MapRecord
+from .state import Holder, MapRecord, local_state
 from .target import parse_spec
 from .target import read_only as is_read_only
 
@@ -23,10 +23,6 @@ log = logging.getLogger("block-rbd")
 
 # The holder name of `block-rbd map` (libxl's holders are backend paths).
 MANUAL = "manual"
-
-
-def local_state(config):
-    return LocalState(config["state_dir"], config["timeouts.lock"])
 
 
 def attach(config, cluster, target, request, registry, publish=None):

@@ -287,3 +287,8 @@ def _read_all(directory):
         except (FileNotFoundError, ValueError):
             continue  # removed or being replaced right now
     return found
+
+
+def local_state(config):
+    """This host's block-rbd state as the configuration places it."""
+    return LocalState(config["state_dir"], config["timeouts.lock"])

@@ -14,7 +14,7 @@ import signal
 from .. import deadline, process
 from ..errors import CommandError, MapperError, TargetError
 from ..target import parse_spec
-from ..state import LocalState
+from ..state import local_state
 from .base import Mapper, Mapping, block_read_only
 
 log = logging.getLogger("block-rbd")
@@ -182,7 +182,7 @@ class NbdMapper(Mapper):
 
     def _map(self, spec, read_only, options):
         try:
-            with LocalState(self.config["state_dir"], self.config["timeouts.lock"]).slot("nbd-map", MAP_SLOTS):
+            with local_state(self.config).slot("nbd-map", MAP_SLOTS):
                 result = process.run(self.map_argv(spec, read_only, options))
         except CommandError as exc:
             raise MapperError("rbd-nbd map of %s failed: %s" % (spec, process.last_line(exc.stderr) or exc)) from None

@@ -116,10 +116,10 @@ def slots(tmp_path, monkeypatch):
     """The map slots in a private state dir, not the host's /run/block-rbd."""
     made = []
 
-    def local_state(_state_dir, lock_timeout):
-        made.append(LocalState(str(tmp_path / "state"), lock_timeout))
+    def local_state(config):
+        made.append(LocalState(str(tmp_path / "state"), config["timeouts.lock"]))
         return made[-1]
-    monkeypatch.setattr(nbd_mod, "LocalState", local_state)
+    monkeypatch.setattr(nbd_mod, "local_state", local_state)
     return LocalState(str(tmp_path / "state"), 0.3)
 
 
