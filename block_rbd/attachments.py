@@ -14,9 +14,9 @@ import logging
 import time
 
 from . import deadline, mappers
-from .errors import BlockRbdError, ClusterError, FeaturesUnsupported, HotplugTimeout
+from .errors import BlockRbdError, ClusterError, FeaturesUnsupported, HotplugTimeout, TargetError
 from .state import Holder, MapRecord, local_state
-from .target import parse_spec
+from .target import format_qos, parse_qos, parse_spec, qos_options
 from .target import read_only as is_read_only
 
 log = logging.getLogger("block-rbd")
@@ -34,6 +34,7 @@ def attach(config, cluster, target, request, registry, publish=None):
     """
     spec = target.spec
     read_only = is_read_only(request.mode)
+    requested = mapper_for(config, target)  # a refusal before anything is done
     if target.clone:
         # clone= : create the image from the golden snapshot on first attach.
         from . import images
@@ -52,7 +53,7 @@ def attach(config, cluster, target, request, registry, publish=None):
             registered = True
             # Our key now holds the new registration: an older release of it is moot.
             state.release_done(spec, request.holder)
-            mapping = _map(config, cluster, target, read_only, record)
+            mapping = _map(config, cluster, target, requested, read_only, record)
             record.mapped_by(mapping.mapper, mapping.device)
             state.save(record)
             registry.mapped(cluster, spec, token, mapping)
@@ -65,16 +66,49 @@ def attach(config, cluster, target, request, registry, publish=None):
     return mapping
 
 
-def _map(config, cluster, target, read_only, record):
+def qos_of(config, target):
+    """The disk's I/O limits: the target's qos=, else the configured default; () for none."""
+    if target.qos is not None:
+        return target.qos
+    return parse_qos(config["qos"]) if config["qos"] else ()
+
+
+def mapper_for(config, target):
+    """The mapper the target needs, or None for the configured choice.
+
+    I/O limits are librbd's (krbd has none, rbd-fuse takes no config options), so
+    a disk with limits gets rbd-nbd: in place of `auto` or of the configured
+    mapper, when the limits are the disk's own.  A mapper the target names, or
+    a configured default of limits with a configured mapper that has none, is
+    refused rather than the limits silently dropped.
+    """
+    qos = qos_of(config, target)
+    if not qos or target.mapper == "nbd":
+        return target.mapper
+    if target.mapper:
+        raise TargetError("qos=%s needs mapper=nbd (librbd's limits); %s has no I/O limits: "
+                          "use mapper=nbd or qos=none" % (format_qos(qos), target.mapper))
+    configured = config["mapper"]
+    if configured in ("auto", "nbd"):
+        return "nbd"
+    if target.qos is None:
+        raise TargetError("the configured qos (%s) needs rbd-nbd but the configured mapper is %s, which has "
+                          "no I/O limits: change one of them in %s" % (format_qos(qos), configured, config.path))
+    log.info("qos=%s: mapping with rbd-nbd, not the configured %s (no I/O limits there)",
+             format_qos(qos), configured)
+    return "nbd"
+
+
+def _map(config, cluster, target, requested, read_only, record):
     if record.mapper:
         # Another holder already mapped this image in this mode: share it.
         mapper = mappers.get(record.mapper, config, cluster)
     else:
-        mapper = mappers.choose(config, target.mapper, cluster)
+        mapper = mappers.choose(config, requested, cluster)
     try:
         return mapper.map(target.spec, read_only, _options(config, mapper.name, read_only, target))
     except FeaturesUnsupported as exc:
-        if target.mapper or config["mapper"] != "auto" or record.mapper:
+        if requested or config["mapper"] != "auto" or record.mapper:
             raise
         fallback = mappers.get("nbd", config, cluster)
         if fallback.unavailable():
@@ -84,11 +118,14 @@ def _map(config, cluster, target, read_only, record):
 
 
 def _options(config, mapper_name, read_only, target):
-    """Map options; access.exclusive_map (hard mode) adds the kernel's/rbd-nbd's `exclusive`."""
+    """Map options; access.exclusive_map (hard mode) adds the kernel's/rbd-nbd's `exclusive`,
+    qos its librbd limits (rbd-nbd: mapper_for sent every disk with limits there)."""
     options = tuple(target.map_options)
     if (config["access.exclusive_map"] and not read_only and mapper_name in ("krbd", "nbd")
             and "exclusive" not in options):
         options += ("exclusive",)  # the lock is never handed over: see README.rst, access modes
+    if mapper_name == "nbd":
+        options += qos_options(qos_of(config, target))
     return options
 
 
@@ -195,6 +232,33 @@ def holders_of(config, spec, read_only):
     """{holder name: Holder} of this host's mapping of spec in that mode."""
     record = local_state(config).load(spec, read_only)
     return dict(record.holders) if record else {}
+
+
+FOLLOW_WAIT = 10  # krbd and rbd-nbd follow a resize in milliseconds, rbd-fuse within 1 s
+
+
+def follow_size(config, spec=None, size=None, names=mappers.AUTO_ORDER):
+    """This host's mappings of spec (head, read-write and read-only; None: every image) made to
+    follow their image's size; [(Mapping, bytes)].  With `size`, waits (at most FOLLOW_WAIT s)
+    until each has it."""
+    done = []
+    for name in names:
+        mapper = mappers.get(name, config)
+        if mapper.unavailable():
+            continue
+        for mapping in mapper.mapped():
+            if spec is not None and mapping.spec != spec.head():
+                continue
+            if size is None:
+                done.append((mapping, mapper.follow_size(mapping)))
+                continue
+            got = deadline.retry(
+                lambda: (lambda now: now if now >= size else None)(mapper.follow_size(mapping)),
+                what="%s to follow the resize" % mapping.device, cap=FOLLOW_WAIT,
+                give_up=lambda waited: BlockRbdError("%s (%s) does not show the new size %d bytes after %.0f s"
+                                                     % (mapping.device, name, size, waited)))
+            done.append((mapping, got))
+    return done
 
 
 def host_mappings(config):

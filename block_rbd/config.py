@@ -10,7 +10,7 @@ import socket
 from dataclasses import dataclass
 from typing import Any, Dict
 
-from .errors import ConfigError
+from .errors import ConfigError, TargetError
 
 DEFAULT_PATH = "/etc/xen/block-rbd.yaml"
 ENV_VAR = "BLOCK_RBD_CONFIG"
@@ -26,6 +26,20 @@ def _str_list(value):
 
 def _opt_str(value):
     return value is None or (isinstance(value, str) and value != "")
+
+
+def _qos(value):
+    from .target import parse_qos  # pure; imported here to keep config's imports minimal
+
+    if value is None:
+        return True
+    if not isinstance(value, str):
+        return False
+    try:
+        parse_qos(value)
+    except TargetError:
+        return False
+    return True
 
 
 # dotted key -> (default, check, what a good value looks like)
@@ -50,6 +64,7 @@ SCHEMA = {
     "log.verbose": (False, lambda v: isinstance(v, bool), "true or false"),
     "krbd.options": ([], _str_list, "a list of krbd map options"),
     "nbd.options": ([], _str_list, "a list of rbd-nbd options"),
+    "qos": (None, _qos, "null or I/O limits as in a target's qos=, e.g. iops:500+bps:50M"),
     "fuse.mount_dir": ("/run/block-rbd/fuse", lambda v: isinstance(v, str) and v.startswith("/"),
                        "an absolute path"),
     "access.stale": ("refuse", lambda v: v in ("refuse", "fence"), "refuse or fence"),

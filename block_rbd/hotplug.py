@@ -64,13 +64,18 @@ class Backend:
 
     def connected(self, mapping, mode):
         major, minor = device_numbers(mapping.device)
-        self.xs.write({
+        keys = {
             self.key("physical-device"): "%x:%x" % (major, minor),
             self.key("physical-device-path"): mapping.device,
             self.key(KEY_IMAGE): str(mapping.spec),
             self.key(KEY_MODE): mode,
             self.key(KEY_MAPPER): mapping.mapper,
-        })
+        }
+        if mapping.read_only:
+            # blkback offers discard when the device has it, read-only or not; libxl
+            # turns it off for its own `r` disks only, not for mode=r! or a snapshot.
+            keys[self.key("discard-enable")] = "0"
+        self.xs.write(keys)
         self.xs.write({self.key("hotplug-status"): "connected"})
 
     def failed(self, message):

@@ -239,11 +239,18 @@ def snapshot_remove(cluster, spec):
     _op(cluster, spec, "removing snapshot %s" % spec, remove)
 
 
-def refuse_if_attached(spec, holders, watchers):
-    """The one "no rollback while attached" error: registered holders and other watchers."""
+def refuse_if_attached(spec, holders, watchers, before="rolling back"):
+    """The one "not while attached" error: registered holders and other watchers."""
     users = sorted(holders) + (["watched by %s" % ", ".join(sorted(watchers))] if watchers else [])
     if users:
-        raise ImageInUse("%s is attached (%s): detach it before rolling back" % (spec.head(), ", ".join(users)))
+        raise ImageInUse("%s is attached (%s): detach it before %s" % (spec.head(), ", ".join(users), before))
+
+
+def _refuse_if_used(cluster, spec, registry, image, before):
+    """refuse_if_attached from the registrations and the open image's other watchers."""
+    regs, _watchers, _owners = registry.states(cluster, spec.head())
+    others = other_watchers(list(image.watchers_list()), cluster.rados.get_instance_id())
+    refuse_if_attached(spec, [r.key for r in regs], [w["addr"] for w in others], before)
 
 
 def rollback(cluster, spec, registry):
@@ -255,16 +262,39 @@ def rollback(cluster, spec, registry):
     rbd-fuse) and librbd clients outside block-rbd.
     """
     need_snap(spec, "snapshot rollback")
-    regs, _watchers, _owners = registry.states(cluster, spec.head())
-    own = cluster.rados.get_instance_id()
 
     def roll(image):
         if not image.snap_exists(spec.snap):
             raise ImageNotFound("snapshot %s does not exist" % spec)
-        others = other_watchers(list(image.watchers_list()), own)
-        refuse_if_attached(spec, [r.key for r in regs], [w["addr"] for w in others])
+        _refuse_if_used(cluster, spec, registry, image, "rolling back")
         image.rollback_to_snap(spec.snap)
     _op(cluster, spec, "rolling back %s" % spec, roll)
+
+
+def resize(cluster, spec, size, registry, allow_shrink=False):
+    """Set the image's size; returns the size it had.
+
+    Growing is safe under a running guest: krbd and rbd-nbd follow the header
+    by themselves, loop devices on rbd-fuse through follow_size (`block-rbd
+    resize` here, `block-rbd upkeep` on every host), and blkback passes the
+    new size on to the guest.  Shrinking drops the data past the new end: only
+    with allow_shrink, and never while the image is attached anywhere.
+    """
+    if spec.snap:
+        raise BlockRbdError("resize: %s is a snapshot; name the image" % spec)
+
+    def change(image):
+        old = image.size()
+        if size < old:
+            _refuse_if_used(cluster, spec, registry, image, "shrinking it")
+            if not allow_shrink:
+                raise BlockRbdError("shrinking %s from %d to %d bytes drops the data past the new end: "
+                                    "refused without --allow-shrink" % (spec, old, size))
+        if size != old:
+            image.resize(size)
+            log.info("resized %s from %d to %d bytes", spec, old, size)
+        return old
+    return _op(cluster, spec, "resizing %s" % spec, change)
 
 
 def describe(cluster, spec):

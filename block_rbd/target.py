@@ -12,6 +12,8 @@ IMAGE uses the configured default pool.  Options:
     clone=POOL/IMAGE@SNAP create the image as a clone of SNAP if missing
     size=10G              grow a new clone to this size (K, M, G, T: powers of 1024)
     map_options=A+B=1     extra krbd/rbd-nbd map options, joined by `+`
+    qos=iops:500+bps:50M  I/O limits of this disk (librbd's, so rbd-nbd only);
+                          qos=none drops the configured default
 
 Pure functions only: no I/O, so every rule is unit-tested exhaustively.
 """
@@ -35,6 +37,14 @@ MAX_NAME = 255
 _SIZE = re.compile(r"^([0-9]+)([KMGT]?)(?:i?B)?$", re.IGNORECASE)
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _MAP_OPTION = re.compile(r"^[a-z0-9_]+(=[A-Za-z0-9_.\-]+)?$")
+
+# qos= keys -> librbd's limit options.  *iops: operations per second; *bps: bytes per
+# second (K, M, G suffixes: powers of 1024).
+QOS_LIMITS = {
+    "iops": "rbd_qos_iops_limit", "read_iops": "rbd_qos_read_iops_limit",
+    "write_iops": "rbd_qos_write_iops_limit", "bps": "rbd_qos_bps_limit",
+    "read_bps": "rbd_qos_read_bps_limit", "write_bps": "rbd_qos_write_bps_limit",
+}
 
 
 @dataclass(frozen=True)
@@ -68,6 +78,8 @@ class Target:
     clone: Optional[ImageSpec] = None
     size: Optional[int] = None
     map_options: Tuple[str, ...] = field(default_factory=tuple)
+    # None: the configured default applies; (): no limits (qos=none)
+    qos: Optional[Tuple[Tuple[str, int], ...]] = None
 
 
 def check_name(kind, name):
@@ -150,6 +162,41 @@ def _map_options(value, _pool):
     return options
 
 
+def parse_qos(text):
+    """`iops:500+bps:50M` -> (("iops", 500), ("bps", 52428800)); `none` -> ()."""
+    text = text.strip()
+    if text == "none":
+        return ()
+    limits = {}
+    for item in text.split("+"):
+        key, sep, value = (part.strip() for part in item.partition(":"))
+        if key not in QOS_LIMITS or not sep:
+            raise TargetError("qos=%s: %r is not LIMIT:VALUE with LIMIT one of %s (or qos=none)"
+                              % (text, item, ", ".join(QOS_LIMITS)))
+        if key in limits:
+            raise TargetError("qos=%s: %s given twice" % (text, key))
+        if key.endswith("iops"):
+            if not value.isdigit() or int(value) == 0:
+                raise TargetError("qos=%s: %s:%s: expected a positive number of operations per second"
+                                  % (text, key, value))
+            limits[key] = int(value)
+        else:
+            try:
+                limits[key] = parse_size(value)
+            except TargetError:
+                raise TargetError("qos=%s: %s:%s: expected bytes per second, e.g. 50M" % (text, key, value)) from None
+    return tuple(limits.items())
+
+
+def qos_options(qos):
+    """librbd config options ("rbd_qos_iops_limit=500", ...) for parsed qos limits."""
+    return tuple("%s=%d" % (QOS_LIMITS[key], value) for key, value in qos or ())
+
+
+def format_qos(qos):
+    return "+".join("%s:%d" % item for item in qos) if qos else "none"
+
+
 # key -> (Target field, parser(value, default_pool)); new options go here.
 OPTIONS = {
     "mode": ("mode", _mode),
@@ -157,6 +204,7 @@ OPTIONS = {
     "clone": ("clone", _clone),
     "size": ("size", lambda value, _pool: parse_size(value)),
     "map_options": ("map_options", _map_options),
+    "qos": ("qos", lambda value, _pool: parse_qos(value)),
 }
 
 

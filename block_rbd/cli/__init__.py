@@ -75,7 +75,7 @@ def remove_cmd():
 # The command groups, each in a module of its own.
 for _command in (maps.map_cmd, maps.unmap_cmd, maps.showmapped_cmd, maps.status_cmd,
                  access.locks_cmd, access.break_lock_cmd, access.release_pending_cmd,
-                 images.snapshot_group, images.clone_cmd, images.flatten_cmd,
+                 images.snapshot_group, images.clone_cmd, images.flatten_cmd, images.resize_cmd,
                  backup.backup_cmd, backup.restore_cmd,
                  doctor.doctor_cmd, service.service_cmd):
     cli.add_command(_command)

@@ -4,7 +4,7 @@ import json
 
 import click
 
-from .. import images
+from .. import attachments, images
 from ..cluster import Cluster
 from ..registry import Registry
 from ..target import parse_size, parse_spec
@@ -100,3 +100,22 @@ def flatten_cmd(obj, image):
     with Cluster(obj.config) as cluster:
         images.flatten(cluster, spec)
     click.echo("flattened %s" % spec)
+
+
+@click.command("resize")
+@click.argument("image")
+@click.argument("size")
+@click.option("--allow-shrink", is_flag=True, help="Allow a smaller size (drops the data past it); "
+              "refused while the image is attached anywhere.")
+@click.pass_obj
+def resize_cmd(obj, image, size, allow_shrink):
+    """Set IMAGE's size (e.g. 20G), also while guests use it: they see it grow."""
+    spec = image_spec(obj, image, snap=False)
+    new = parse_size(size)
+    with Cluster(obj.config) as cluster:
+        old = images.resize(cluster, spec, new, Registry(obj.config), allow_shrink)
+    click.echo("resized %s from %d to %d bytes" % (spec, old, new))
+    # This host's devices now; other hosts' follow by themselves (krbd, rbd-nbd) or
+    # through their `block-rbd upkeep` (loop devices on rbd-fuse).
+    for mapping, got in attachments.follow_size(obj.config, spec, new if new > old else None):
+        click.echo("%s (%s): %d bytes" % (mapping.device, mapping.mapper, got))

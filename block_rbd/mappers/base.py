@@ -37,6 +37,12 @@ def block_read_only(name, sys_root="/sys"):
         return False
 
 
+def device_size(device, sys_root="/sys"):
+    """The size of /dev/NAME in bytes, from /sys/block/NAME/size (512-byte sectors)."""
+    with open(os.path.join(sys_root, "block", os.path.basename(device), "size")) as handle:
+        return int(handle.read().strip()) * 512
+
+
 def retry_busy(attempt, cap, what):
     """Call attempt() until it returns True, for at most `cap` seconds of the run's budget.
 
@@ -52,6 +58,7 @@ class Mapper(abc.ABC):
     """One transport from an RBD image to a dom0 block device."""
 
     name = None
+    sys_root = "/sys"
 
     def __init__(self, config, cluster=None):
         self.config = config
@@ -72,6 +79,13 @@ class Mapper(abc.ABC):
     @abc.abstractmethod
     def unmap(self, mapping):
         """Remove the mapping, retrying a busy device for timeouts.unmap seconds."""
+
+    def follow_size(self, mapping):
+        """Make the device follow its image's size; the device's size in bytes.
+
+        krbd and rbd-nbd follow the image header by themselves.
+        """
+        return device_size(mapping.device, self.sys_root)
 
     def discard_partial(self, spec, read_only):
         """Undo what a map killed half-way left short of a mapping (nothing, for a one-step map)."""

@@ -5,6 +5,7 @@ so it opens (and watches) only that image, not every image of the pool, under
 a mount directory only root can enter (rbd-fuse shows the file as 0666).
 """
 
+import fcntl
 import glob
 import logging
 import os
@@ -14,9 +15,11 @@ import urllib.parse
 from .. import process
 from ..errors import CommandError, MapperError, TargetError
 from ..target import parse_spec
-from .base import Mapper, Mapping, block_read_only, retry_busy
+from .base import Mapper, Mapping, block_read_only, device_size, retry_busy
 
 log = logging.getLogger("block-rbd")
+
+LOOP_SET_CAPACITY = 0x4C07  # linux/loop.h
 
 
 def parse_mountinfo(text, mount_dir):
@@ -85,6 +88,23 @@ class FuseMapper(Mapper):
                 mappings.append(Mapping(self.name, spec, read_only, "/dev/" + name,
                                         {"mountpoint": point, "file": image_file}))
         return mappings
+
+    def follow_size(self, mapping):
+        """LOOP_SET_CAPACITY once the image file has grown past the loop device.
+
+        rbd-fuse reports the image's current size (its image handle watches the
+        header) when the kernel's attribute cache asks again, after 1 s; a loop
+        device keeps the size it was set up with until told (`losetup -c`).
+        """
+        size = os.stat(mapping.details["file"]).st_size
+        if size > device_size(mapping.device, self.sys_root):
+            fd = os.open(mapping.device, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                fcntl.ioctl(fd, LOOP_SET_CAPACITY, 0)
+            finally:
+                os.close(fd)
+            log.info("%s follows %s: now %d bytes", mapping.device, mapping.spec, size)
+        return device_size(mapping.device, self.sys_root)
 
     def mount_argv(self, spec, point):
         cfg = self.config

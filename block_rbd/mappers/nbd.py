@@ -139,10 +139,17 @@ def terminate(pid):
 
 
 def option_args(options):
-    """krbd-style "key=value" options as rbd-nbd flags, the way `rbd device map -t nbd` does."""
+    """krbd-style "key=value" options as rbd-nbd flags, the way `rbd device map -t nbd` does.
+
+    librbd's own options (rbd_*, e.g. the QoS limits) are Ceph config overrides,
+    `--rbd_qos_iops_limit=500`: one word, so discovery (spec_of_cmdline) skips it.
+    """
     args = []
     for option in options:
         key, sep, value = option.partition("=")
+        if key.startswith("rbd_") and sep:
+            args.append("--%s=%s" % (key, value))
+            continue
         args += ["--" + key.replace("_", "-")] + ([value] if sep else [])
     return args
 

@@ -151,6 +151,7 @@ def test_add_writes_the_contract_keys(setup, mocker, tmp_path):
     assert got["block-rbd-mapper"] == "fuse"
     assert got["hotplug-status"] == "connected"
     assert "hotplug-error" not in got
+    assert "discard-enable" not in got  # libxl's own setting stands for a writable disk
     _config, _cluster, target, request = attach.call_args.args[:4]
     assert target.spec == ImageSpec("rbd", "vm1")
     assert request == Request(holder=PATH, mode="w", vm="0b7b4ea0-1f53-4d1e-9a8e-4c5d6e7f8091", domid="5",
@@ -169,6 +170,8 @@ def test_target_mode_overrides_libxl_mode(setup, mocker, tmp_path):
     assert attach.call_args.args[3].mode == "r!"
     assert keys(setup.xs)["block-rbd-mode"] == "r!"
     assert keys(setup.xs)["physical-device"] == "7:3"
+    # libxl wrote discard-enable=1 for its `w` disk; a read-only mapping offers no discard
+    assert keys(setup.xs)["discard-enable"] == "0"
 
 
 def test_failed_connect_write_detaches(setup, mocker, tmp_path):

@@ -326,14 +326,15 @@ def test_what_map_starts_is_found_by_discovery(host, config, rbd_nbd):
     mapper = NbdMapper(config, sys_root=host.sys_root, proc_root=host.proc_root)
     specs = [(ImageSpec("rbd", "vm1"), False, ()), (ImageSpec("rbd", "vm1"), True, ()),
              (ImageSpec("rbd", "vm1", "tenant", "gold"), True, ("exclusive",)),
-             (ImageSpec("tank", "db"), False, ("device=/dev/nbd9",))]
+             (ImageSpec("tank", "db"), False, ("device=/dev/nbd9",)),
+             (ImageSpec("tank", "qos"), False, ("rbd_qos_iops_limit=50", "rbd_qos_bps_limit=1048576"))]
     mapped = [mapper.map(spec, ro, options) for spec, ro, options in specs]
-    assert [m.device for m in mapped] == ["/dev/nbd0", "/dev/nbd1", "/dev/nbd2", "/dev/nbd9"]
-    assert [(m.spec, m.read_only, m.device) for m in mapper.mapped()] == [
-        (spec, ro, m.device) for (spec, ro, _o), m in zip(specs, mapped)]
+    assert [m.device for m in mapped] == ["/dev/nbd0", "/dev/nbd1", "/dev/nbd2", "/dev/nbd9", "/dev/nbd3"]
+    assert sorted((m.device, m.spec, m.read_only) for m in mapper.mapped()) == sorted(
+        (m.device, spec, ro) for (spec, ro, _o), m in zip(specs, mapped))
     for (spec, ro, _o), m in zip(specs, mapped):
         assert mapper.find(spec, ro).device == m.device
-    assert len(rbd_nbd.calls) == 4
+    assert len(rbd_nbd.calls) == 5
 
 
 def test_map_reuses_an_existing_mapping(mapper, rbd_nbd, host, config):
@@ -478,6 +479,8 @@ def test_disconnect_is_the_nbd_ioctl(tmp_path, mocker):
     (("exclusive",), ["--exclusive"]),
     (("try_netlink", "io_timeout=30"), ["--try-netlink", "--io-timeout", "30"]),
     (("device=/dev/nbd5",), ["--device", "/dev/nbd5"]),
+    # librbd's options (qos=) are Ceph config overrides, one word each
+    (("rbd_qos_iops_limit=500", "notrim"), ["--rbd_qos_iops_limit=500", "--notrim"]),
 ])
 def test_option_args(options, args):
     assert option_args(options) == args

@@ -1,9 +1,12 @@
 """The target grammar (block_rbd/target.py): every form, every option, every fault."""
 
+import re
+
 import pytest
 
 from block_rbd.errors import TargetError
-from block_rbd.target import ImageSpec, Target, effective_mode, parse, parse_size, parse_spec, read_only
+from block_rbd.target import (ImageSpec, Target, effective_mode, format_qos, parse, parse_size, parse_spec,
+                              qos_options, read_only)
 
 
 # ---- the forms that name an image ---------------------------------------------------
@@ -117,6 +120,30 @@ def test_map_options():
     assert parse("rbd:vm1,map_options=ms_mode=prefer-crc").map_options == ("ms_mode=prefer-crc",)
 
 
+def test_qos_option():
+    target = parse("rbd:vm1,qos=iops:500+bps:50M")
+    assert target.qos == (("iops", 500), ("bps", 50 << 20))
+    assert qos_options(target.qos) == ("rbd_qos_iops_limit=500", "rbd_qos_bps_limit=52428800")
+    assert parse("rbd:vm1,qos=read_iops:10+write_iops:20+read_bps:1K+write_bps:2G").qos == (
+        ("read_iops", 10), ("write_iops", 20), ("read_bps", 1024), ("write_bps", 2 << 30))
+    assert parse("rbd:vm1,qos=none").qos == () and qos_options(()) == ()
+    assert parse("rbd:vm1").qos is None  # the configured default applies
+    assert format_qos((("iops", 500), ("bps", 1024))) == "iops:500+bps:1024"
+
+
+@pytest.mark.parametrize("text, fault", [
+    ("iops", "'iops' is not LIMIT:VALUE with LIMIT one of iops, read_iops, write_iops, bps"),
+    ("speed:5", "'speed:5' is not LIMIT:VALUE"),
+    ("iops:0", "iops:0: expected a positive number of operations per second"),
+    ("iops:1.5", "iops:1.5: expected a positive number of operations per second"),
+    ("bps:fast", "bps:fast: expected bytes per second, e.g. 50M"),
+    ("iops:5+iops:6", "iops given twice"),
+])
+def test_bad_qos(text, fault):
+    with pytest.raises(TargetError, match="^qos=%s: %s" % (re.escape(text), re.escape(fault))):
+        parse("rbd:vm1,qos=" + text)
+
+
 def test_all_options_together_with_whitespace():
     target = parse("  rbd/ns/vm1@s , mode = r! ,mapper=nbd, map_options=notrim ,clone=g/b@v ,size=1G  ")
     assert target == Target(spec=ImageSpec("rbd", "vm1", "ns", "s"), mode="r!", mapper="nbd",
@@ -156,7 +183,7 @@ MALFORMED = [
     ("rbd:vm1,mode=R", "mode=R: expected one of"),
     ("rbd:vm1,mapper=rbd-nbd", "mapper=rbd-nbd: expected one of krbd, nbd, fuse"),
     ("rbd:vm1,mapper=auto", "mapper=auto: expected one of"),
-    ("rbd:vm1,colour=red", "unknown option 'colour' in target \\(known: clone, map_options, mapper, mode, size\\)"),
+    ("rbd:vm1,colour=red", "unknown option 'colour' in target \\(known: clone, map_options, mapper, mode, qos, size\\)"),
     ("rbd:vm1,=r", "unknown option ''"),
     ("rbd:vm1,mode=r,mode=w", "option 'mode' given twice"),
     ("rbd:vm1,clone=gold/base", "clone=gold/base: name the golden snapshot as POOL/IMAGE@SNAP"),

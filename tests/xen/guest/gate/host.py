@@ -37,6 +37,9 @@ STORM_IMAGES = ["storm-%s-%d" % (label, i) for label in ("krbd", "nbd", "krbd-se
                 for i in range(STORM_N)]
 STALL_IMAGES = ["stall-krbd", "stall-nbd"]
 STALL_SECS = 20
+DAY2_IMAGES = ["day2-krbd", "day2-nbd"]  # resize + discard under a guest
+HEAL_IMAGES = ["heal-nbd"]               # rbd-nbd killed under a guest's writes
+QOS_IMAGES = ["qos-iops", "qos-bps", "qos-none"]
 GOLDEN = (b"block-rbd golden read-only data\n" * 32768)[:MiB]
 
 # Images and what they hold before boot: name -> (size, [(offset, data)]).
@@ -51,8 +54,12 @@ def images(pattern):
         spec[name] = (16 * MiB, [(0, ("BRBD-MARKER %s\n" % name).encode())])
     for name in STORM_IMAGES + ["monrestart"]:
         spec[name] = (16 * MiB, [])
-    for name in STALL_IMAGES:
+    for name in STALL_IMAGES + HEAL_IMAGES:
         spec[name] = (32 * MiB, [])
+    for name in DAY2_IMAGES:
+        spec[name] = (32 * MiB, [])
+    for name in QOS_IMAGES:
+        spec[name] = (64 * MiB, [])
     return spec
 
 
@@ -80,7 +87,32 @@ def host_action(ctx, action, args):
             raise RuntimeError("testcluster restart-mon: %s" % p.stderr.strip()[-500:])
         return "mon.a down %s s, answering again after %.1f s (pid %s)" % (
             args[0] if args else 0, time.time() - t0, cluster_pids(ctx)["mon.a"])
+    if action == "allocated":  # IMAGE...: bytes allocated in Ceph, by librbd's diff
+        p = ctx.admin_python(ALLOCATED, [json.dumps(args)], timeout=60)
+        if p.returncode != 0:
+            raise RuntimeError("allocated: %s" % p.stderr.strip()[-300:])
+        return p.stdout.strip().splitlines()[-1]
     raise ValueError("unknown host action %r" % action)
+
+
+# Bytes of each image that exist in Ceph (diff from the beginning of time), "name=bytes ...".
+ALLOCATED = r"""
+import json, sys, rados, rbd
+conf, keyring, pool, names = sys.argv[1:5]
+c = rados.Rados(conffile=conf, rados_id="admin", conf={"keyring": keyring})
+c.connect(timeout=30)
+io = c.open_ioctx(pool)
+out = []
+for name in json.loads(names):
+    with rbd.Image(io, name, read_only=True) as im:
+        total = [0]
+        def count(offset, length, exists):
+            if exists:
+                total[0] += length
+        im.diff_iterate(0, im.size(), None, count, whole_object=False)
+        out.append("%s=%d" % (name, total[0]))
+print(" ".join(out))
+"""
 
 
 # Runs inside the namespace as the admin: one object per PG of the pool is read (written
@@ -327,6 +359,7 @@ def prepare(ctx):
     ctx.config["BRBD_PV_IMAGES"] = " ".join(PV_IMAGES)
     ctx.config["BRBD_STORM_N"] = STORM_N
     ctx.config["BRBD_STALL_SECS"] = STALL_SECS
+    ctx.config["BRBD_HEAL_IMAGES"] = " ".join(HEAL_IMAGES)
     test_tree(ctx.files)
 
 
