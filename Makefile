@@ -57,7 +57,7 @@ install:
 	[ -e $(DESTDIR)$(CONFDIR)/block-rbd.yaml ] || install -m 0644 etc/block-rbd.yaml $(DESTDIR)$(CONFDIR)/block-rbd.yaml
 	install -d $(DESTDIR)$(UNITDIR)
 	install -m 0644 etc/systemd/*.socket etc/systemd/*.service etc/systemd/*.timer $(DESTDIR)$(UNITDIR)/
-	@echo "systemd dom0: systemctl daemon-reload && systemctl enable --now block-rbd.socket block-rbd-release-pending.timer"
+	@echo "systemd dom0: systemctl daemon-reload && systemctl enable --now block-rbd.socket block-rbd-release-pending.timer block-rbd-upkeep.service"
 
 uninstall:
 	rm -rf $(DESTDIR)$(PYLIBDIR)/block_rbd $(DESTDIR)$(SCRIPTDIR)/block-rbd $(DESTDIR)/usr/local/sbin/block-rbd

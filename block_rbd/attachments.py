@@ -54,7 +54,7 @@ def attach(config, cluster, target, request, registry, publish=None):
             # Our key now holds the new registration: an older release of it is moot.
             state.release_done(spec, request.holder)
             mapping = _map(config, cluster, target, requested, read_only, record)
-            record.mapped_by(mapping.mapper, mapping.device)
+            record.mapped_by(mapping)
             state.save(record)
             registry.mapped(cluster, spec, token, mapping)
             if publish is not None:
@@ -253,7 +253,7 @@ def follow_size(config, spec=None, size=None, names=mappers.AUTO_ORDER):
                 done.append((mapping, mapper.follow_size(mapping)))
                 continue
             got = deadline.retry(
-                lambda: (lambda now: now if now >= size else None)(mapper.follow_size(mapping)),
+                lambda: (lambda now: now if now >= size else None)(mapper.follow_size(mapping, size)),
                 what="%s to follow the resize" % mapping.device, cap=FOLLOW_WAIT,
                 give_up=lambda waited: BlockRbdError("%s (%s) does not show the new size %d bytes after %.0f s"
                                                      % (mapping.device, name, size, waited)))

@@ -66,6 +66,24 @@ def header_object(ioctx, spec):
     return "rbd_header." + raw[4:4 + length].decode()
 
 
+CEPH_NOSNAP = 0xFFFFFFFFFFFFFFFE
+
+
+def image_size(ioctx, spec):
+    """The image's size, as librbd reads it (cls_rbd get_size on the header), without
+    opening the image: two small ops, no watch, no librbd threads (upkeep asks often)."""
+    rados, _rbd = bindings()
+    header = header_object(ioctx, spec)
+    try:
+        ret, out = ioctx.execute(header, "rbd", "get_size", struct.pack("<Q", CEPH_NOSNAP))
+    except rados.Error as exc:
+        raise translate(exc, "size of %s" % spec.head()) from None
+    if ret < 9:
+        raise ClusterError("image %s: unreadable size reply" % spec.head())
+    _order, size = struct.unpack("<BQ", out[:9])
+    return size
+
+
 def _decode(key, value):
     try:
         data = json.loads(value)
@@ -303,6 +321,40 @@ class Registry:
                       remove_keys=(key,))
         except ImageNotFound:
             return
+
+    def rehome(self, cluster, spec, holders, start, fence=True):
+        """A new mapping client for this host's registrations of `holders` on spec.
+
+        `start()` starts it: a new rbd-nbd daemon for a device whose daemon died
+        (fence: the dead client is blocklisted first: its watch lingers at the
+        OSDs until it times out, 30 s, and until then librbd in the new client
+        would wait for the exclusive lock it held), or in place of one that
+        exits cleanly (restart-nbd).  The registrations name the new client
+        after: a dead address there would make them look stale to every host.
+        Returns start()'s result.
+        """
+        keys = [PREFIX + policy.holder_key(self.host, h) for h in holders]
+        with cluster.ioctx(spec.pool, spec.namespace) as ioctx:
+            header = header_object(ioctx, spec)
+            records, _version = read_records(ioctx, header)
+            for client in sorted({records[k].client for k in keys if k in records and records[k].client}):
+                if fence:
+                    self._blocklist(cluster, client)
+            before = frozenset(read_clients(cluster, spec)[0])
+            result = start()
+            new = deadline.retry(
+                lambda: (lambda found: found.pop() if len(found) == 1 else None)(
+                    set(read_clients(cluster, spec)[0]) - before - self._own_addrs(cluster)),
+                what="the new mapping client of %s" % spec.head(), cap=CLIENT_SEARCH * 3,
+                interval=0.05, max_interval=0.2,
+                give_up=lambda waited: AccessDenied("%s: no new client watched the image %.0f s after the "
+                                                    "new daemon started" % (spec.head(), waited)))
+            records, _version = read_records(ioctx, header)
+            write(ioctx, header, "recording the new client of %s" % spec.head(),
+                  set_regs=tuple(Registration(**dict(records[k].as_record(), client=new)) for k in keys
+                                 if k in records))
+        log.info("%s: registrations of %s now name client %s", spec.head(), ", ".join(sorted(holders)), new)
+        return result
 
     # ---- operators ------------------------------------------------------------------
 

@@ -13,7 +13,8 @@ A PendingRelease is a cluster-wide registration this host has let go of
 locally but could not yet delete in Ceph (cluster down, run killed): written
 before the cluster call, deleted after it, completed by the next run that
 reaches the cluster.  Records carry a version; an older one is migrated on
-read, a newer one is refused rather than misread.
+read, a newer one is refused rather than misread (version 3 added the rbd-nbd
+cookie and map options; 2 dropped the request kept per holder).
 """
 
 import contextlib
@@ -25,7 +26,7 @@ import threading
 import time
 import urllib.parse
 from dataclasses import asdict, dataclass, field
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 from . import deadline
 from .errors import LockTimeout, StateError
@@ -33,7 +34,7 @@ from .target import parse_spec
 
 log = logging.getLogger("block-rbd")
 
-RECORD_VERSION = 2
+RECORD_VERSION = 3
 
 
 @dataclass
@@ -56,6 +57,10 @@ class MapRecord:
     mapper: Optional[str] = None
     device: Optional[str] = None
     holders: Dict[str, Holder] = field(default_factory=dict)
+    # rbd-nbd: the device's backend identifier and the map options, so that a new
+    # daemon can be attached to the device (upkeep); neither is a secret.
+    cookie: Optional[str] = None
+    options: List[str] = field(default_factory=list)
 
     @property
     def spec(self):
@@ -68,8 +73,10 @@ class MapRecord:
         """Remove holder `name`; whether it was there."""
         return self.holders.pop(name, None) is not None
 
-    def mapped_by(self, mapper, device):
-        self.mapper, self.device = mapper, device
+    def mapped_by(self, mapping):
+        self.mapper, self.device = mapping.mapper, mapping.device
+        self.cookie = mapping.details.get("cookie")
+        self.options = list(mapping.details.get("options") or ())
 
     def to_json(self):
         data = asdict(self)
@@ -88,7 +95,8 @@ class MapRecord:
             holders[name] = Holder(mode=held["mode"], since=int(held.get("since") or 0), vm=held.get("vm"),
                                    domid=_opt_str(held.get("domid")), devid=_opt_str(held.get("devid")))
         return cls(image=data["image"], read_only=bool(data["read_only"]), mapper=data.get("mapper"),
-                   device=data.get("device"), holders=holders)
+                   device=data.get("device"), holders=holders, cookie=data.get("cookie"),
+                   options=list(data.get("options") or ()))
 
 
 @dataclass
@@ -155,6 +163,22 @@ class LocalState:
             yield True
         finally:
             os.close(fd)  # closing releases the flock
+
+    @contextlib.contextmanager
+    def claim(self, name):
+        """A host-wide claim on `name`: yields True when it was free (held until the
+        block ends), False at once when another run holds it."""
+        os.makedirs(self.locks_dir, mode=0o700, exist_ok=True)
+        fd = os.open(os.path.join(self.locks_dir, name + ".claim"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            yield True
+        finally:
+            os.close(fd)
 
     @contextlib.contextmanager
     def slot(self, kind, count):

@@ -13,7 +13,7 @@ from .. import config as config_mod
 from .. import log as log_mod
 from .. import process
 from ..errors import BlockRbdError
-from . import access, backup, doctor, images, maps, service
+from . import access, backup, doctor, images, maps, service, upkeep
 
 log = logging.getLogger("block-rbd")
 
@@ -77,7 +77,7 @@ for _command in (maps.map_cmd, maps.unmap_cmd, maps.showmapped_cmd, maps.status_
                  access.locks_cmd, access.break_lock_cmd, access.release_pending_cmd,
                  images.snapshot_group, images.clone_cmd, images.flatten_cmd, images.resize_cmd,
                  backup.backup_cmd, backup.restore_cmd,
-                 doctor.doctor_cmd, service.service_cmd):
+                 doctor.doctor_cmd, service.service_cmd, upkeep.upkeep_cmd, upkeep.restart_nbd_cmd):
     cli.add_command(_command)
 
 

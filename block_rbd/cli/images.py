@@ -109,7 +109,7 @@ def flatten_cmd(obj, image):
               "refused while the image is attached anywhere.")
 @click.pass_obj
 def resize_cmd(obj, image, size, allow_shrink):
-    """Set IMAGE's size (e.g. 20G), also while guests use it: they see it grow."""
+    """Set IMAGE's size to SIZE (20G), also under running guests: they see it grow."""
     spec = image_spec(obj, image, snap=False)
     new = parse_size(size)
     with Cluster(obj.config) as cluster:

@@ -80,10 +80,9 @@ class Mapper(abc.ABC):
     def unmap(self, mapping):
         """Remove the mapping, retrying a busy device for timeouts.unmap seconds."""
 
-    def follow_size(self, mapping):
-        """Make the device follow its image's size; the device's size in bytes.
-
-        krbd and rbd-nbd follow the image header by themselves.
+    def follow_size(self, mapping, size=None):
+        """Make the device follow its image's size (`size`, when the caller knows it);
+        the device's size in bytes.  krbd follows the image header by itself.
         """
         return device_size(mapping.device, self.sys_root)
 

@@ -89,7 +89,7 @@ class FuseMapper(Mapper):
                                         {"mountpoint": point, "file": image_file}))
         return mappings
 
-    def follow_size(self, mapping):
+    def follow_size(self, mapping, size=None):
         """LOOP_SET_CAPACITY once the image file has grown past the loop device.
 
         rbd-fuse reports the image's current size (its image handle watches the

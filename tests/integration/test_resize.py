@@ -92,3 +92,17 @@ def test_a_resize_made_elsewhere_is_followed(libxl, config_path, rbd_admin, make
         assert device_size(device) == 24 * MiB
     finally:
         assert libxl.run("remove", path).returncode == 0
+
+
+def test_image_size_reads_the_header_as_librbd_does(config_path, rbd_admin, make_image):
+    import rbd
+    from block_rbd.cluster import Cluster
+    from block_rbd.registry import image_size
+    _handle, ioctx = rbd_admin
+    name = make_image(size=16 * MiB)
+    config = config_mod.load(config_path)
+    with Cluster(config) as cluster, cluster.ioctx("rbd") as own:
+        assert image_size(own, parse_spec("rbd/" + name)) == 16 * MiB
+        with rbd.Image(ioctx, name) as image:
+            image.resize(20 * MiB)
+        assert image_size(own, parse_spec("rbd/" + name)) == 20 * MiB

@@ -17,19 +17,21 @@ and "--KEY=VALUE" for each -o option.
 
 import errno
 import os
+import re
 import shutil
 import threading
 import time
+import uuid
 
 import pytest
 
 from block_rbd import deadline, process
 from block_rbd.config import from_dict
-from block_rbd.errors import CommandError, HotplugTimeout, LockTimeout, MapperError
+from block_rbd.errors import ClusterError, CommandError, HotplugTimeout, LockTimeout, MapperError
 from block_rbd.mappers import nbd as nbd_mod
-from block_rbd.mappers.nbd import NbdMapper, discover, option_args, spec_of_cmdline
+from block_rbd.mappers.nbd import NbdMapper, discover, option_args, option_value, orphans, spec_of_cmdline
 from block_rbd.process import Result
-from block_rbd.state import LocalState
+from block_rbd.state import Holder, LocalState, MapRecord
 from block_rbd.target import ImageSpec
 
 NBDS_MAX = 16  # the nbd module's default number of devices
@@ -70,24 +72,38 @@ class Host:
                     b"".join(a.encode() + b"\0" for a in argv), "wb")
         return pid
 
-    def connect(self, device, pid, read_only=False):
-        """The kernel's view once the daemon `pid` has set the device up."""
+    def connect(self, device, pid, read_only=False, backend=None):
+        """The kernel's view once the daemon `pid` has set the device up; `backend`: set up
+        through netlink with that identifier (the `backend` file exists only then)."""
         self._write(os.path.join(self._dev(device), "pid"), "%d\n" % pid)
         self._write(os.path.join(self._dev(device), "ro"), "1\n" if read_only else "0\n")
+        self.resize(device, 32 << 20)
+        if backend:
+            self._write(os.path.join(self._dev(device), "backend"), backend + "\n")
 
-    def daemon(self, device, argv, read_only=False, comm="rbd-nbd"):
+    def daemon(self, device, argv, read_only=False, comm="rbd-nbd", backend=None):
         pid = self.spawn(argv, comm)
-        self.connect(device, pid, read_only)
+        self.connect(device, pid, read_only, backend)
         return pid
 
+    def resize(self, device, size):
+        self._write(os.path.join(self._dev(device), "size"), "%d\n" % (size // 512))
+
+    def backend(self, device):
+        path = os.path.join(self._dev(device), "backend")
+        return open(path).read().strip() if os.path.exists(path) else None
+
     def disconnect(self, device):
-        """What the kernel does on NBD_DISCONNECT and the daemon's exit."""
+        """What the kernel does on a disconnect, and the daemon's exit (if it still runs)."""
         pid_file = os.path.join(self._dev(device), "pid")
         with open(pid_file) as handle:
             pid = int(handle.read())
         os.unlink(pid_file)
         self._write(os.path.join(self._dev(device), "ro"), "0\n")
-        self.exit(pid)
+        if os.path.exists(os.path.join(self._dev(device), "backend")):
+            os.unlink(os.path.join(self._dev(device), "backend"))
+        if os.path.exists(os.path.join(self.proc_root, str(pid))):
+            self.exit(pid)
 
     def exit(self, pid):
         shutil.rmtree(os.path.join(self.proc_root, str(pid)))
@@ -134,9 +150,12 @@ def mapper(config, host):
     return NbdMapper(config, sys_root=host.sys_root, proc_root=host.proc_root)
 
 
-def ours(config, spec, read_only=False, options=()):
+COOKIE = "9f3c2a1e-6b1d-4c51-8a43-0d6f1e2b7c90"
+
+
+def ours(config, spec, read_only=False, options=(), cookie=COOKIE):
     """The argv block-rbd starts rbd-nbd with: what its daemon's /proc/PID/cmdline holds."""
-    return NbdMapper(config).map_argv(spec, read_only, options)
+    return NbdMapper(config).map_argv(spec, read_only, options, cookie)
 
 
 class RbdNbd:
@@ -151,6 +170,7 @@ class RbdNbd:
         self.host = host
         self.calls = []
         self.map_result = None  # None: succeed and print the device it connected
+        self.netlink = True     # False: the kernel has no nbd netlink (rbd-nbd falls back to ioctl)
 
     def __call__(self, argv, *, timeout=None, check=True, input=None, env=None, quiet=False):
         assert input is None and env is None
@@ -158,7 +178,19 @@ class RbdNbd:
         self.calls.append(argv)
         if argv[:2] == ["rbd-nbd", "map"]:
             return self._map(argv, check)
+        if argv[:2] == ["rbd-nbd", "attach"]:
+            return self._attach(argv)
         raise AssertionError("unexpected command %r" % argv)
+
+    def _attach(self, argv):
+        """NBD_CMD_RECONFIGURE with a new daemon's socket: only for a netlink device whose
+        identifier is the cookie given; the kernel keeps the first daemon's pid in `pid`."""
+        device, cookie = option_value(argv, "--device"), option_value(argv, "--cookie")
+        if not os.path.exists(os.path.join(self.host._dev(device), "pid")) or self.host.backend(device) != cookie:
+            raise CommandError("rbd-nbd attach failed: rbd-nbd: failed to reconfigure: (22) Invalid argument",
+                               returncode=1, stderr="rbd-nbd: failed to reconfigure: (22) Invalid argument\n")
+        self.host.spawn(argv)
+        return Result(argv, 0, "", "")
 
     def _map(self, argv, check):
         device = argv[argv.index("--device") + 1] if "--device" in argv else self.host.free_device()
@@ -170,7 +202,9 @@ class RbdNbd:
             return result
         printed = result.stdout.strip().splitlines()
         if printed and printed[-1].startswith("/dev/nbd"):
-            self.host.daemon(printed[-1], argv, read_only="--read-only" in argv)
+            netlink = self.netlink and "--try-netlink" in argv
+            self.host.daemon(printed[-1], argv, read_only="--read-only" in argv,
+                             backend=option_value(argv, "--cookie") if netlink else None)
         return result
 
 
@@ -200,7 +234,7 @@ def test_one_mapping_of_block_rbd(host, mapper, config):
     assert mapping.mapper == "nbd"
     assert mapping.spec == ImageSpec("rbd", "vm1")
     assert mapping.device == "/dev/nbd0" and mapping.read_only is False
-    assert mapping.details == {"pid": pid}
+    assert mapping.details == {"pid": pid, "cookie": None}  # set up by ioctl: no backend identifier
 
 
 def test_several_with_namespace_snapshot_and_read_only(host, mapper, config):
@@ -300,22 +334,28 @@ def test_a_spec_that_is_not_a_valid_spec_is_ignored(host, mapper):
 
 def test_map_argv_exactly(mapper, rbd_nbd, host):
     mapping = mapper.map(ImageSpec("rbd", "vm1"), False)
+    cookie = mapping.details["cookie"]
     assert rbd_nbd.calls == [
         ["rbd-nbd", "map", "rbd/vm1", "-c", "/etc/ceph/c.conf", "--id", "dom0a", "--keyring",
-         "/etc/ceph/dom0a.keyring"],
+         "/etc/ceph/dom0a.keyring", "--try-netlink", "--cookie", cookie, "--reattach-timeout", "30",
+         "--device", "/dev/nbd0"],
     ]
+    assert str(uuid.UUID(cookie)) == cookie  # a fresh one per map
     assert mapping.device == "/dev/nbd0" and mapping.mapper == "nbd" and not mapping.read_only
-    assert host.connected() == ["nbd0"]
+    assert mapping.details == {"cookie": cookie, "options": []}
+    assert host.connected() == ["nbd0"] and host.backend("/dev/nbd0") == cookie
 
 
 def test_map_read_only_namespace_snapshot_and_options(host, rbd_nbd):
     config = from_dict({"ceph": {"conf": "/c", "id": "dom0a", "keyring": "/k"},
                         "nbd": {"options": ["try_netlink", "io_timeout=30"]}})
-    NbdMapper(config, sys_root=host.sys_root, proc_root=host.proc_root).map(
+    mapping = NbdMapper(config, sys_root=host.sys_root, proc_root=host.proc_root).map(
         ImageSpec("rbd", "vm1", "tenant", "gold"), True, ("exclusive",))
     assert rbd_nbd.calls[-1] == [
-        "rbd-nbd", "map", "rbd/tenant/vm1@gold", "-c", "/c", "--id", "dom0a", "--keyring", "/k", "--read-only",
-        "--try-netlink", "--io-timeout", "30", "--exclusive"]
+        "rbd-nbd", "map", "rbd/tenant/vm1@gold", "-c", "/c", "--id", "dom0a", "--keyring", "/k", "--try-netlink",
+        "--cookie", mapping.details["cookie"], "--reattach-timeout", "30", "--read-only",
+        "--try-netlink", "--io-timeout", "30", "--exclusive", "--device", "/dev/nbd0"]
+    assert mapping.details["options"] == ["exclusive"]
 
 
 def test_what_map_starts_is_found_by_discovery(host, config, rbd_nbd):
@@ -335,6 +375,20 @@ def test_what_map_starts_is_found_by_discovery(host, config, rbd_nbd):
     for (spec, ro, _o), m in zip(specs, mapped):
         assert mapper.find(spec, ro).device == m.device
     assert len(rbd_nbd.calls) == 5
+
+
+def test_a_map_names_a_free_device_no_other_map_has_claimed(mapper, rbd_nbd, host, config, slots):
+    """Concurrent netlink connects without --device all race for the first free device
+    (all but one refused, "Device being setup by another task"): each map claims one."""
+    host.daemon("/dev/nbd0", ours(config, ImageSpec("rbd", "other")))  # connected: not free
+    with slots.claim("nbd-device.nbd1") as mine:                          # a map in flight
+        assert mine
+        mapping = mapper.map(ImageSpec("rbd", "vm1"), False)
+    assert rbd_nbd.calls[-1][-2:] == ["--device", "/dev/nbd2"] and mapping.device == "/dev/nbd2"
+    assert mapper.map(ImageSpec("rbd", "vm2"), False).device == "/dev/nbd1"  # released with its map
+    # device= among the map options is the operator's choice
+    mapper.map(ImageSpec("rbd", "vm3"), False, ("device=/dev/nbd9",))
+    assert rbd_nbd.calls[-1].count("--device") == 1 and rbd_nbd.calls[-1][-2:] == ["--device", "/dev/nbd9"]
 
 
 def test_map_reuses_an_existing_mapping(mapper, rbd_nbd, host, config):
@@ -393,21 +447,31 @@ def kernel(host, monkeypatch):
     and the daemon exits, at once or (exits_after) later, or never (exits_after=None)."""
     class Kernel:
         calls = []
+        via = []  # "ioctl" (NBD_DISCONNECT) or "netlink" (NBD_CMD_DISCONNECT), per call
         exits_after = 0.0
         error = None
 
-    def disconnect(device):
+    def disconnect(device, via="ioctl"):
         Kernel.calls.append(device)
+        Kernel.via.append(via)
         if Kernel.error:
             raise Kernel.error
-        with open(os.path.join(host.sys_root, "block", os.path.basename(device), "pid")) as handle:
+        dev = os.path.join(host.sys_root, "block", os.path.basename(device))
+        with open(os.path.join(dev, "pid")) as handle:
             pid = int(handle.read())
-        os.unlink(os.path.join(host.sys_root, "block", os.path.basename(device), "pid"))
-        if Kernel.exits_after == 0:
-            host.exit(pid)
-        elif Kernel.exits_after is not None:
-            threading.Timer(Kernel.exits_after, host.zombie, (pid,)).start()
+        os.unlink(os.path.join(dev, "pid"))
+        if os.path.exists(os.path.join(dev, "backend")):
+            os.unlink(os.path.join(dev, "backend"))
+        # the daemon serving it: the pid file's, or (after a reattach) the one with the cookie
+        served = [p for p, argv in nbd_mod.daemons(host.proc_root) if p == pid or (
+            option_value(argv, "--device") == device)]
+        for p in served:
+            if Kernel.exits_after == 0:
+                host.exit(p)
+            elif Kernel.exits_after is not None:
+                threading.Timer(Kernel.exits_after, host.zombie, (p,)).start()
     monkeypatch.setattr(nbd_mod, "disconnect", disconnect)
+    monkeypatch.setattr(nbd_mod, "disconnect_netlink", lambda device: disconnect(device, "netlink"))
     return Kernel
 
 
@@ -415,9 +479,17 @@ def test_unmap_disconnects_the_device_and_starts_nothing(mapper, rbd_nbd, host, 
     mapper.map(ImageSpec("rbd", "vm1"), False)
     (mapping,) = mapper.mapped()
     mapper.unmap(mapping)
-    assert kernel.calls == ["/dev/nbd0"]
+    assert kernel.calls == ["/dev/nbd0"] and kernel.via == ["netlink"]  # a netlink device
     assert rbd_nbd.calls == [rbd_nbd.calls[0]]  # the map; the unmap started no rbd-nbd
     assert host.connected() == [] and mapper.mapped() == []
+
+
+def test_a_device_set_up_by_ioctl_is_disconnected_by_ioctl(mapper, rbd_nbd, host, kernel):
+    rbd_nbd.netlink = False  # a kernel without nbd netlink: rbd-nbd fell back to the ioctls
+    mapping = mapper.map(ImageSpec("rbd", "vm1"), False)
+    assert mapping.details == {"cookie": None, "options": []} and host.backend("/dev/nbd0") is None
+    mapper.unmap(mapper.find(ImageSpec("rbd", "vm1"), False))
+    assert kernel.via == ["ioctl"] and host.connected() == []
 
 
 def test_unmap_waits_for_the_daemon_to_exit(mapper, rbd_nbd, host, kernel):
@@ -537,7 +609,8 @@ def test_map_waits_for_a_free_slot_and_fails_cleanly_without_one(mapper, rbd_nbd
 
 @pytest.fixture
 def signals(host, monkeypatch):
-    """SIGTERM to a fake daemon: it exits (disconnecting its device, if any), unless stubborn."""
+    """SIGTERM to a fake daemon: it exits (its device goes with it if set up by ioctl; one set
+    up by netlink stays, waiting for a new daemon), unless stubborn."""
     class Signals:
         sent = []
         stubborn = set()
@@ -548,8 +621,8 @@ def signals(host, monkeypatch):
             return
         for name in host.connected():
             with open(os.path.join(host.sys_root, "block", name, "pid")) as handle:
-                if int(handle.read()) == pid:
-                    os.unlink(os.path.join(host.sys_root, "block", name, "pid"))
+                if int(handle.read()) == pid and host.backend(name) is None:
+                    os.unlink(os.path.join(host.sys_root, "block", name, "pid"))  # netlink devices stay
         host.exit(pid)
     monkeypatch.setattr(nbd_mod, "terminate", terminate)
     return Signals
@@ -587,3 +660,241 @@ def test_nothing_to_discard(mapper, host, signals, kernel):
     host.spawn(["rbd-nbd", "list-mapped"])
     mapper.discard_partial(ImageSpec("rbd", "vm1"), False)
     assert signals.sent == [] and kernel.calls == []
+
+
+# ---- devices that outlive their daemon: reattach, heal, restart ---------------------------------
+
+def record_of(state, mapping, holder="backend/vbd/5/51712"):
+    """block-rbd's record of a mapping, as attach saves it."""
+    record = MapRecord(str(mapping.spec), mapping.read_only)
+    record.hold(holder, Holder("w", 1))
+    record.mapped_by(mapping)
+    state.save(record)
+    return record
+
+
+@pytest.fixture
+def logged(caplog):
+    caplog.set_level("INFO", logger="block-rbd")
+    return caplog
+
+
+def test_a_reattached_device_is_found_by_its_daemon_not_by_its_pid_file(mapper, rbd_nbd, host, config):
+    """After `rbd-nbd attach`, /sys/block/nbdN/pid still names the first daemon (the kernel
+    sets it only at connect); the serving one is the attach with --device, the same cookie."""
+    mapping = mapper.map(ImageSpec("rbd", "vm1"), False, ("rbd_qos_iops_limit=50",))
+    first = mapper.serving("/dev/nbd0")
+    host.exit(first)  # kill -9
+    assert mapper.mapped() == [] and orphans(host.sys_root, host.proc_root) == {"/dev/nbd0": mapping.details["cookie"]}
+    record = record_of(nbd_mod.local_state(config), mapping)
+    new = mapper.attach(record)
+    assert new != first and open(os.path.join(host.sys_root, "block", "nbd0", "pid")).read() == "%d\n" % first
+    (found,) = discover(host.sys_root, host.proc_root)
+    assert (found.spec, found.device, found.details) == (
+        ImageSpec("rbd", "vm1"), "/dev/nbd0", {"pid": new, "cookie": mapping.details["cookie"]})
+    assert rbd_nbd.calls[-1] == [
+        "rbd-nbd", "attach", "rbd/vm1", "-c", "/etc/ceph/c.conf", "--id", "dom0a", "--keyring",
+        "/etc/ceph/dom0a.keyring", "--device", "/dev/nbd0", "--cookie", mapping.details["cookie"],
+        "--reattach-timeout", "30", "--rbd_qos_iops_limit=50"]
+
+
+def test_a_pid_reused_by_another_devices_daemon_is_not_taken_for_it(host, mapper, config):
+    """The dead first daemon's pid now belongs to nbd1's daemon: its cookie tells them apart."""
+    pid = host.daemon("/dev/nbd1", ours(config, ImageSpec("rbd", "other"), cookie="cookie-b"), backend="cookie-b")
+    host.connect("/dev/nbd0", pid, backend="cookie-a")  # nbd0's pid file holds the reused pid
+    assert [(m.device, str(m.spec)) for m in mapper.mapped()] == [("/dev/nbd1", "rbd/other")]
+    assert orphans(host.sys_root, host.proc_root) == {"/dev/nbd0": "cookie-a"}
+
+
+def test_a_device_whose_daemon_is_gone_is_unmapped_through_netlink(mapper, rbd_nbd, host, config, kernel):
+    """remove with the daemon gone (never healed): the record's cookie names the device, and
+    NBD_CMD_DISCONNECT ends it (the ioctl would reach only its dead socket)."""
+    mapping = mapper.map(ImageSpec("rbd", "vm1"), False)
+    record_of(nbd_mod.local_state(config), mapping)
+    host.exit(mapper.serving("/dev/nbd0"))
+    (orphan,) = mapper.mapped()
+    assert (orphan.spec, orphan.device, orphan.details) == (
+        ImageSpec("rbd", "vm1"), "/dev/nbd0", {"pid": None, "cookie": mapping.details["cookie"]})
+    mapper.unmap(mapper.find(ImageSpec("rbd", "vm1"), False))
+    assert kernel.via == ["netlink"] and host.connected() == []
+
+
+def test_heal_attaches_a_new_daemon_to_a_device_whose_daemon_is_gone(mapper, rbd_nbd, host, config, logged):
+    state = nbd_mod.local_state(config)
+    mapping = mapper.map(ImageSpec("rbd", "vm1"), True)
+    record_of(state, mapping)
+    alive = mapper.map(ImageSpec("rbd", "vm2"), False)
+    record_of(state, alive)
+    assert nbd_mod.heal(config, mapper=mapper) == []  # all well: nothing started
+    assert len(rbd_nbd.calls) == 2
+    host.exit(mapper.serving("/dev/nbd0"))
+    (healed,) = nbd_mod.heal(config, mapper=mapper)
+    assert healed == ("/dev/nbd0", mapper.serving("/dev/nbd0"))
+    assert rbd_nbd.calls[-1][:3] == ["rbd-nbd", "attach", "rbd/vm1"] and "--read-only" in rbd_nbd.calls[-1]
+    assert [m.device for m in mapper.mapped()] == ["/dev/nbd0", "/dev/nbd1"]
+    line = [r.getMessage() for r in logged.records if "was gone" in r.getMessage()]
+    assert len(line) == 1 and re.fullmatch(
+        r"upkeep: the rbd-nbd daemon of /dev/nbd0 \(rbd/vm1\) was gone: rbd-nbd \d+ attached in \d+\.\d s", line[0])
+    assert nbd_mod.heal(config, mapper=mapper) == []
+
+
+def test_heal_leaves_an_image_a_run_holds_locked_to_that_run(mapper, rbd_nbd, host, config):
+    state = nbd_mod.local_state(config)
+    record_of(state, mapper.map(ImageSpec("rbd", "vm1"), False))
+    host.exit(mapper.serving("/dev/nbd0"))
+    with state.lock(ImageSpec("rbd", "vm1")):
+        assert nbd_mod.heal(config, mapper=mapper) == []
+    assert len(nbd_mod.heal(config, mapper=mapper)) == 1
+
+
+def test_heal_of_a_device_no_longer_connected_says_so_and_starts_nothing(mapper, rbd_nbd, host, config, logged,
+                                                                       kernel):
+    state = nbd_mod.local_state(config)
+    record_of(state, mapper.map(ImageSpec("rbd", "vm1"), False))
+    host.exit(mapper.serving("/dev/nbd0"))
+    host.disconnect("/dev/nbd0")  # someone disconnected it meanwhile
+    calls = len(rbd_nbd.calls)
+    assert nbd_mod.heal(config, mapper=mapper) == [] and nbd_mod.heal(config, mapper=mapper) == []
+    assert len(rbd_nbd.calls) == calls
+    said = [r.getMessage() for r in logged.records if "is no longer connected" in r.getMessage()]
+    assert said == ["upkeep: /dev/nbd0 (rbd/vm1) has lost its rbd-nbd daemon and is no longer connected; "
+                    "detach the disk and attach it again"]  # once, not every round
+
+
+def test_a_failed_heal_is_one_log_line(mapper, rbd_nbd, host, config, logged):
+    state = nbd_mod.local_state(config)
+    record_of(state, mapper.map(ImageSpec("rbd", "vm1"), False))
+    host.exit(mapper.serving("/dev/nbd0"))
+    rbd_nbd._attach = lambda argv: (_ for _ in ()).throw(CommandError(
+        "rbd-nbd attach failed", returncode=1, stderr="rbd-nbd: failed to open image: (2) No such file\n"))
+    assert nbd_mod.heal(config, mapper=mapper) == []
+    (line,) = [r.getMessage() for r in logged.records if r.levelname == "ERROR"]
+    assert line == ("upkeep: the rbd-nbd daemon of /dev/nbd0 (rbd/vm1) is gone and a new one failed: rbd-nbd "
+                    "attach of rbd/vm1 to /dev/nbd0 failed: rbd-nbd: failed to open image: (2) No such file")
+
+
+def test_restart_replaces_each_daemon_and_keeps_the_devices(mapper, rbd_nbd, host, config, signals, mocker):
+    state = nbd_mod.local_state(config)
+    for name in ("vm1", "vm2"):
+        record_of(state, mapper.map(ImageSpec("rbd", name), False))
+    before = [mapper.serving(d) for d in ("/dev/nbd0", "/dev/nbd1")]
+    registry = mocker.MagicMock()
+    registry.rehome.side_effect = lambda cluster, spec, holders, start, fence: start()
+    done = nbd_mod.restart(config, mocker.sentinel.cluster, registry, mapper)
+    after = [mapper.serving(d) for d in ("/dev/nbd0", "/dev/nbd1")]
+    assert done == [("/dev/nbd0", before[0], after[0]), ("/dev/nbd1", before[1], after[1])]
+    assert signals.sent == before and set(after).isdisjoint(before)
+    assert host.connected() == ["nbd0", "nbd1"]  # the devices never went away
+    # the registrations name the new daemons; the old ones exited cleanly: nothing fenced
+    assert [(c.args[1], c.kwargs["fence"]) for c in registry.rehome.call_args_list] == [
+        (ImageSpec("rbd", "vm1"), False), (ImageSpec("rbd", "vm2"), False)]
+
+
+def test_restart_refuses_a_device_set_up_by_ioctl(mapper, rbd_nbd, host, config, signals, mocker):
+    rbd_nbd.netlink = False
+    record_of(nbd_mod.local_state(config), mapper.map(ImageSpec("rbd", "vm1"), False))
+    with pytest.raises(MapperError, match=r"^/dev/nbd0 \(rbd/vm1\) was mapped by ioctl, without a cookie: its "
+                                          r"daemon cannot be replaced live; detach and attach the disk$"):
+        nbd_mod.restart(config, mocker.sentinel.cluster, mocker.MagicMock(), mapper)
+    assert signals.sent == []
+
+
+def test_a_given_up_map_whose_netlink_device_outlived_its_daemon_is_unmapped(mapper, host, config, kernel,
+                                                                            monkeypatch):
+    """A given-up map's daemon connects its netlink device just as the SIGTERM comes: it
+    exits, the device stays; it is found by the cookie on the daemon's command line."""
+    late = host.spawn(ours(config, ImageSpec("rbd", "vm1"), cookie="given-up"))
+
+    def terminate(pid):
+        host.connect("/dev/nbd2", pid, backend="given-up")
+        host.exit(pid)
+    monkeypatch.setattr(nbd_mod, "terminate", terminate)
+    mapper.discard_partial(ImageSpec("rbd", "vm1"), False)
+    assert kernel.calls == ["/dev/nbd2"] and kernel.via == ["netlink"] and host.connected() == []
+    assert not os.path.exists(os.path.join(host.proc_root, str(late)))
+
+
+# ---- resize: rbd-nbd 16.2's netlink resize is refused by the kernel ------------------------------
+
+class FakeNetlink:
+    """nbd_netlink.Nbd at its interface: RECONFIGURE with a size resizes the device when
+    the backend identifier matches the device's (as nbd_genl_reconfigure checks)."""
+
+    def __init__(self, host):
+        self.host = host
+        self.calls = []
+
+    def __call__(self, timeout=None):
+        return self
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+    def resize(self, index, size, backend):
+        self.calls.append((index, size, backend))
+        if self.host.backend("/dev/nbd%d" % index) != backend:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        self.host.resize("/dev/nbd%d" % index, size)
+
+
+@pytest.fixture
+def netlink(host, monkeypatch):
+    fake = FakeNetlink(host)
+    monkeypatch.setattr(nbd_mod.nbd_netlink, "Nbd", fake)
+    return fake
+
+
+def test_a_device_that_lags_its_image_is_resized_with_its_cookie(mapper, rbd_nbd, host, netlink, logged):
+    mapping = mapper.map(ImageSpec("rbd", "vm1"), False)
+    assert mapper.follow_size(mapping) == 32 << 20 and netlink.calls == []  # size unknown: nothing to do
+    assert mapper.follow_size(mapping, 48 << 20) == 48 << 20
+    assert netlink.calls == [(0, 48 << 20, mapping.details["cookie"])]
+    assert mapper.follow_size(mapping, 48 << 20) == 48 << 20 and len(netlink.calls) == 1  # once
+    assert "/dev/nbd0 follows rbd/vm1: now 50331648 bytes (netlink resize)" in [r.getMessage() for r in logged.records]
+
+
+def test_follow_sizes_asks_the_cluster_for_block_rbds_own_devices_only(mapper, rbd_nbd, host, config, netlink,
+                                                                       mocker):
+    state = nbd_mod.local_state(config)
+    ours_mapping = mapper.map(ImageSpec("rbd", "vm1"), False)
+    record_of(state, ours_mapping)
+    host.daemon("/dev/nbd5", ["rbd-nbd", "map", "rbd/theirs", "--cookie", "x"], backend="x")  # not block-rbd's
+    cluster = mocker.MagicMock()
+    sizes = mocker.patch("block_rbd.registry.image_size", return_value=40 << 20)
+    assert nbd_mod.follow_sizes(config, cluster, mapper) == [("/dev/nbd0", 40 << 20)]
+    assert [c.args[1] for c in sizes.call_args_list] == [ImageSpec("rbd", "vm1")]
+    assert nbd_mod.follow_sizes(config, cluster, mapper) == []  # already there
+
+
+def test_follow_sizes_without_nbd_records_never_reaches_the_cluster(mapper, host, config, mocker):
+    cluster = mocker.MagicMock()
+    assert nbd_mod.follow_sizes(config, cluster, mapper) == []
+    cluster.ioctx.assert_not_called()
+
+
+def test_heal_with_the_cluster_fences_the_dead_daemon_and_rehomes_its_registrations(
+        mapper, rbd_nbd, host, config, mocker):
+    state = nbd_mod.local_state(config)
+    record = record_of(state, mapper.map(ImageSpec("rbd", "vm1"), False), holder="backend/vbd/5/51712")
+    host.exit(mapper.serving("/dev/nbd0"))
+    registry = mocker.MagicMock()
+    registry.rehome.side_effect = lambda cluster, spec, holders, start: start()
+    (healed,) = nbd_mod.heal(config, mocker.sentinel.cluster, registry, mapper=mapper)
+    (call,) = registry.rehome.call_args_list
+    assert call.args[:3] == (mocker.sentinel.cluster, ImageSpec("rbd", "vm1"), ["backend/vbd/5/51712"])
+    assert healed == ("/dev/nbd0", mapper.serving("/dev/nbd0")) and record.device == "/dev/nbd0"
+
+
+def test_heal_without_an_answer_from_the_cluster_still_attaches(mapper, rbd_nbd, host, config, mocker, logged):
+    state = nbd_mod.local_state(config)
+    record_of(state, mapper.map(ImageSpec("rbd", "vm1"), False))
+    host.exit(mapper.serving("/dev/nbd0"))
+    registry = mocker.MagicMock()
+    registry.rehome.side_effect = ClusterError("cannot reach the cluster: timed out")
+    (healed,) = nbd_mod.heal(config, mocker.sentinel.cluster, registry, mapper=mapper)
+    assert healed[1] == mapper.serving("/dev/nbd0")
+    assert any("the cluster did not answer (cannot reach the cluster: timed out); attaching without fencing"
+               in r.getMessage() for r in logged.records)

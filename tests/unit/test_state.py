@@ -12,6 +12,7 @@ import pytest
 from block_rbd import deadline
 from block_rbd import state as state_mod
 from block_rbd.errors import HotplugTimeout, LockTimeout, StateError
+from block_rbd.mappers.base import Mapping
 from block_rbd.state import RECORD_VERSION, Holder, LocalState, MapRecord, PendingRelease
 from block_rbd.target import ImageSpec
 
@@ -39,12 +40,12 @@ def test_records_round_trip_per_mode(state):
     assert record.spec == SPEC
     record.hold(BACKEND, Holder(mode="w", since=1700000000, vm=VM, domid="5", devid="51712"))
     record.hold("manual", Holder(mode="w", since=1700000001))
-    record.mapped_by("nbd", "/dev/nbd0")
+    record.mapped_by(Mapping("nbd", SPEC, False, "/dev/nbd0", {"cookie": "c00k1e", "options": ["notrim"]}))
     state.save(record)
     loaded = state.load(SPEC, False)
     assert loaded == record
     assert loaded.holders[BACKEND] == Holder(mode="w", since=1700000000, vm=VM, domid="5", devid="51712")
-    assert (loaded.mapper, loaded.device) == ("nbd", "/dev/nbd0")
+    assert (loaded.mapper, loaded.device, loaded.cookie, loaded.options) == ("nbd", "/dev/nbd0", "c00k1e", ["notrim"])
     assert state.load(SPEC, True) is None  # read-only and read-write mappings are separate
     state.save(MapRecord("rbd/vm1", True))
     assert sorted(r.read_only for r in state.records()) == [False, True]
@@ -75,7 +76,8 @@ def test_saved_records_carry_their_version(state):
     state.save(record_of(SPEC, False, manual=Holder(mode="w", since=1)))
     with open(state._path(SPEC, False)) as handle:
         data = json.load(handle)
-    assert data["version"] == RECORD_VERSION == 2
+    assert data["version"] == RECORD_VERSION == 3
+    assert (data["cookie"], data["options"]) == (None, [])
     assert data["holders"] == {"manual": {"mode": "w", "since": 1, "vm": None, "domid": None, "devid": None}}
 
 
@@ -109,6 +111,14 @@ def test_a_version_1_record_is_read_and_migrated(state):
     assert state.load(SPEC, False) == record
 
 
+def test_a_version_2_record_has_no_cookie(state):
+    """An nbd mapping made before cookies (ioctl): read as one upkeep cannot reattach."""
+    _write_raw(state, SPEC, False, {"version": 2, "image": "rbd/vm1", "read_only": False, "mapper": "nbd",
+                                    "device": "/dev/nbd3", "holders": {"manual": {"mode": "w", "since": 1}}})
+    record = state.load(SPEC, False)
+    assert (record.mapper, record.device, record.cookie, record.options) == ("nbd", "/dev/nbd3", None, [])
+
+
 def test_a_version_1_record_with_numbers_for_ids(state):
     _write_raw(state, SPEC, True, {
         "image": "rbd/vm1", "read_only": True, "mapper": None, "device": None,
@@ -124,7 +134,7 @@ def test_a_newer_record_is_refused_not_misread(state):
     with pytest.raises(StateError) as info:
         state.load(SPEC, False)
     message = str(info.value)
-    assert "newer block-rbd" in message and "version 3" in message and "\n" not in message
+    assert "newer block-rbd" in message and "version 4" in message and "\n" not in message
     assert state._path(SPEC, False) in message
     # a listing leaves that one record out (and says so); what needs every holder refuses
     state.save(MapRecord("rbd/vm2", False))

@@ -237,11 +237,12 @@ def modinfo_depends(path):
     return []
 
 
-def module_closure(modroot):
+def module_closure(modroot, wanted=KMOD_ROOTS):
+    """{module: .ko path} of `wanted` and everything they depend on (built-ins left out)."""
     index = {}
     for path in glob.glob(os.path.join(modroot, "kernel", "**", "*.ko"), recursive=True):
         index[os.path.basename(path)[:-3].replace("-", "_")] = path
-    todo = [m.replace("-", "_") for m in KMOD_ROOTS]
+    todo = [m.replace("-", "_") for m in wanted]
     chosen = {}
     builtin = set()
     with open(os.path.join(modroot, "modules.builtin")) as fh:

@@ -21,7 +21,8 @@ GATE = os.path.join(HERE, "guest", "gate")
 SCENARIOS = [
     "krbd-attach", "nbd-attach", "ro-attach", "missing-image", "msgr2-only-krbd", "pv-guest-4disks",
     "pygrub-guest", "pytest-dom0-krbd", "pytest-dom0-nbd", "bench-attach", "mon-restart-add",
-    "osd-stall-guest", "storm-krbd-service", "storm-nbd-service", "nothing-left-mapped",
+    "osd-stall-guest", "day2-guest", "qos-dom0", "nbd-heal-guest", "storm-krbd-service", "storm-nbd-service",
+    "nothing-left-mapped",
 ]
 # Under TCG one run takes ~7 min of one core; a busy machine stretches that.  A hung run
 # is stopped here, well inside CI's 45 min (each scenario also has its own limit in dom0).

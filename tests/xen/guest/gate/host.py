@@ -7,6 +7,7 @@ into an RBD image), dom0's /etc/xen/block-rbd.yaml, and the test tree for pytest
 verify: the patterns written through /dev/xvdb in dom0 and the guests' writes are in Ceph.
 """
 
+import glob
 import gzip
 import hashlib
 import io
@@ -24,7 +25,7 @@ XEN_TESTS = os.path.dirname(os.path.dirname(HERE))
 REPO = os.path.dirname(os.path.dirname(XEN_TESTS))
 sys.path.insert(0, XEN_TESTS)
 import build_dom0  # noqa: E402
-from cpio import CpioWriter  # noqa: E402
+from cpio import CpioWriter, write_tree  # noqa: E402
 
 MiB = 1 << 20
 PATTERN_OFFSET = MiB
@@ -37,7 +38,7 @@ STORM_IMAGES = ["storm-%s-%d" % (label, i) for label in ("krbd", "nbd", "krbd-se
                 for i in range(STORM_N)]
 STALL_IMAGES = ["stall-krbd", "stall-nbd"]
 STALL_SECS = 20
-DAY2_IMAGES = ["day2-krbd", "day2-nbd"]  # resize + discard under a guest
+DAY2_IMAGES = ["day2-krbd", "day2-nbd", "day2-fs"]  # resize, discard, online fs growth under a guest
 HEAL_IMAGES = ["heal-nbd"]               # rbd-nbd killed under a guest's writes
 QOS_IMAGES = ["qos-iops", "qos-bps", "qos-none"]
 GOLDEN = (b"block-rbd golden read-only data\n" * 32768)[:MiB]
@@ -87,6 +88,11 @@ def host_action(ctx, action, args):
             raise RuntimeError("testcluster restart-mon: %s" % p.stderr.strip()[-500:])
         return "mon.a down %s s, answering again after %.1f s (pid %s)" % (
             args[0] if args else 0, time.time() - t0, cluster_pids(ctx)["mon.a"])
+    if action == "resize":  # IMAGE BYTES: as another host (or an operator's workstation) would
+        p = ctx.admin_python(RESIZE, args, timeout=60)
+        if p.returncode != 0:
+            raise RuntimeError("resize: %s" % p.stderr.strip()[-300:])
+        return p.stdout.strip().splitlines()[-1]
     if action == "allocated":  # IMAGE...: bytes allocated in Ceph, by librbd's diff
         p = ctx.admin_python(ALLOCATED, [json.dumps(args)], timeout=60)
         if p.returncode != 0:
@@ -94,6 +100,17 @@ def host_action(ctx, action, args):
         return p.stdout.strip().splitlines()[-1]
     raise ValueError("unknown host action %r" % action)
 
+
+RESIZE = r"""
+import sys, rados, rbd
+conf, keyring, pool, name, size = sys.argv[1:6]
+c = rados.Rados(conffile=conf, rados_id="admin", conf={"keyring": keyring})
+c.connect(timeout=30)
+with rbd.Image(c.open_ioctx(pool), name) as im:
+    old = im.size()
+    im.resize(int(size))
+    print("%s %d -> %d bytes" % (name, old, im.size()))
+"""
 
 # Bytes of each image that exist in Ceph (diff from the beginning of time), "name=bytes ...".
 ALLOCATED = r"""
@@ -243,28 +260,43 @@ def _extract_root(ctx, name):
     return roots[pkg]
 
 
+# What the guest carries besides busybox: xen-blkfront, ext4 (day2-guest grows a
+# filesystem online) and e2fsprogs from this host (the same Debian release as the kernel).
+GUEST_MODULES = ["xen-blkfront", "ext4", "crc32c_generic"]
+GUEST_BINS = ["/usr/sbin/mke2fs", "/usr/sbin/resize2fs", "/usr/sbin/e2fsck"]
+
+
 def guest_initrd(ctx):
-    """busybox-static + xen-blkfront.ko + guest-init, gzip'd newc cpio."""
+    """busybox-static, the guest's modules, e2fsprogs and guest-init, gzip'd newc cpio."""
     bb = os.path.join(_extract_root(ctx, "busybox-static"), "bin/busybox")
     kroot = _extract_root(ctx, "kernel")
-    found = []
-    for dirpath, _dirs, files in os.walk(os.path.join(kroot, "lib/modules")):
-        if "xen-blkfront.ko" in files:
-            found.append(os.path.join(dirpath, "xen-blkfront.ko"))
-    if not found:
-        raise RuntimeError("xen-blkfront.ko not found under %s" % kroot)
+    (modroot,) = glob.glob(os.path.join(kroot, "lib/modules/*"))
+    kver = os.path.basename(modroot)
+    stage = os.path.join(_workdir(ctx), "guest-root")
+    shutil.rmtree(stage, ignore_errors=True)
+    for d in ("usr/bin", "usr/sbin", "usr/lib64", "usr/lib/x86_64-linux-gnu", "proc", "sys", "dev", "tmp",
+              "mnt", "etc"):
+        os.makedirs(os.path.join(stage, d))
+    for link, target in (("bin", "usr/bin"), ("sbin", "usr/sbin"), ("lib", "usr/lib"), ("lib64", "usr/lib64")):
+        os.symlink(target, os.path.join(stage, link))
+    os.symlink("/proc/mounts", os.path.join(stage, "etc/mtab"))  # resize2fs looks there
+    st = build_dom0.Stage(stage, [])
+    st.put_file(bb, "/usr/bin/busybox", 0o755)
+    for name, path in sorted(build_dom0.module_closure(modroot, GUEST_MODULES).items()):
+        st.put_file(path, "/usr/lib/modules/%s/%s" % (kver, os.path.relpath(path, modroot)), 0o644)
+    for f in ("modules.order", "modules.builtin"):
+        st.put_file(os.path.join(modroot, f), "/usr/lib/modules/%s/%s" % (kver, f), 0o644)
+    subprocess.run([bb, "depmod", "-b", stage, kver], check=True, timeout=60)
+    for b in GUEST_BINS:
+        st.with_libs(b)
+    with open(os.path.join(HERE, "guest-init"), "rb") as fh:
+        st.write("/init", fh.read().decode(), 0o755)
     buf = io.BytesIO()
     w = CpioWriter(buf)
-    for d in ("bin", "proc", "sys", "dev", "tmp"):
-        w.directory(d)
+    write_tree(w, stage)
     w.chardev("/dev/console", 5, 1)
-    with open(bb, "rb") as fh:
-        w.file("/bin/busybox", fh.read(), 0o755)
-    with open(found[0], "rb") as fh:
-        w.file("/xen-blkfront.ko", fh.read(), 0o644)
-    with open(os.path.join(HERE, "guest-init"), "rb") as fh:
-        w.file("/init", fh.read(), 0o755)
     w.close()
+    shutil.rmtree(stage)
     return gzip.compress(buf.getvalue(), compresslevel=6, mtime=0)
 
 
@@ -364,13 +396,15 @@ def prepare(ctx):
 
 
 def stall_blocks(ctx):
-    """{image: blocks the guest wrote} from the osd-stall-guest scenario's report."""
-    path = os.path.join(ctx.workdir, "out", "stall.txt")
-    if not os.path.exists(path):
-        return {}
-    with open(path, errors="replace") as fh:
-        return {m.group(1): int(m.group(2)) for m in
-                re.finditer(r"BRBD-STALL-DISK \S+ (\S+) \S+ blocks=(\d+)", fh.read())}
+    """{image: blocks the guest wrote} from the reports of osd-stall-guest and nbd-heal-guest."""
+    found = {}
+    for name in ("stall.txt", "heal.txt"):
+        path = os.path.join(ctx.workdir, "out", name)
+        if os.path.exists(path):
+            with open(path, errors="replace") as fh:
+                found.update({m.group(1): int(m.group(2)) for m in
+                              re.finditer(r"BRBD-STALL-DISK \S+ (\S+) \S+ blocks=(\d+)", fh.read())})
+    return found
 
 
 def verify(ctx, parsed):
@@ -378,7 +412,7 @@ def verify(ctx, parsed):
     stall = stall_blocks(ctx)
     want = [["krbd1", PATTERN_OFFSET, PATTERN_LEN], ["nbd1", PATTERN_OFFSET, PATTERN_LEN],
             ["ro1", 0, MiB]] + [[n, 4096, 64] for n in PV_IMAGES]
-    want += [[n, 0, 4096 * max(1, stall.get(n, 0))] for n in STALL_IMAGES]
+    want += [[n, 0, 4096 * max(1, stall.get(n, 0))] for n in STALL_IMAGES + HEAL_IMAGES]
     want += [[n, 0, 4096] for n in STORM_IMAGES + ["monrestart"]]
     p = ctx.admin_python(READ, [json.dumps(want)], timeout=120)
     if p.returncode != 0:
@@ -421,6 +455,17 @@ def verify(ctx, parsed):
         ctx.mark(parsed, "osd-stall-guest", not bad,
                  "%s; the guest's blocks are in Ceph (%s)" % (pauses[0]["reply"][3:], ", ".join(
                      "%s %d" % kv for kv in sorted(stall.items()))) if not bad else "; ".join(bad))
+    if any(r["name"] == "nbd-heal-guest" and r["status"] != "SKIP" for r in parsed["results"]):
+        bad = []
+        for name in HEAL_IMAGES:
+            entry, n = got.get("%s@0" % name), stall.get(name)
+            expect = hashlib.md5(b"".join(stall_block(name, i) for i in range(n or 0))).hexdigest()
+            if not n or not entry or entry[0] != expect:
+                bad.append("%s: %s" % (name, "no blocks reported" if not n else
+                                       "the %d blocks in Ceph differ from what the guest wrote" % n))
+        ctx.mark(parsed, "nbd-heal-guest", not bad,
+                 "every block the guest wrote is in Ceph (%s)" % ", ".join(
+                     "%s %d" % (n, stall.get(n, 0)) for n in HEAL_IMAGES) if not bad else "; ".join(bad))
     busy = sorted(k for k, v in got.items() if v and v[2] > 0)
     regs = sorted("%s: %s" % (k, " ".join(v[3])) for k, v in got.items() if v and v[3])
     ctx.mark(parsed, "nothing-left-mapped", not busy and not regs,
