@@ -71,9 +71,11 @@ class Backend:
             self.key(KEY_MODE): mode,
             self.key(KEY_MAPPER): mapping.mapper,
         }
-        if mapping.read_only:
+        if mapping.read_only or mapping.mapper == "fuse":
             # blkback offers discard when the device has it, read-only or not; libxl
             # turns it off for its own `r` disks only, not for mode=r! or a snapshot.
+            # A loop device on rbd-fuse offers it too, but rbd-fuse implements no
+            # fallocate: each discard would fail ("operation not supported").
             keys[self.key("discard-enable")] = "0"
         self.xs.write(keys)
         self.xs.write({self.key("hotplug-status"): "connected"})

@@ -151,11 +151,24 @@ def test_add_writes_the_contract_keys(setup, mocker, tmp_path):
     assert got["block-rbd-mapper"] == "fuse"
     assert got["hotplug-status"] == "connected"
     assert "hotplug-error" not in got
-    assert "discard-enable" not in got  # libxl's own setting stands for a writable disk
+    # rbd-fuse implements no fallocate: a loop device on it offers discards that all fail
+    assert got["discard-enable"] == "0"
     _config, _cluster, target, request = attach.call_args.args[:4]
     assert target.spec == ImageSpec("rbd", "vm1")
     assert request == Request(holder=PATH, mode="w", vm="0b7b4ea0-1f53-4d1e-9a8e-4c5d6e7f8091", domid="5",
                               devid="51712")
+
+
+@pytest.mark.parametrize("mapper", ["krbd", "nbd"])
+def test_a_writable_krbd_or_nbd_disk_keeps_libxls_discard_setting(setup, mocker, tmp_path, mapper):
+    node = str(tmp_path / "dev")
+    os.mknod(node, stat.S_IFBLK | 0o600, os.makedev(43, 0))
+    mocker.patch.object(hotplug, "Cluster")
+    mocker.patch.object(hotplug, "Registry")
+    mocker.patch.object(attachments, "attach", side_effect=publishing(
+        Mapping(mapper, ImageSpec("rbd", "vm1"), False, node)))
+    assert run("add") == 0
+    assert "discard-enable" not in keys(setup.xs)  # libxl's own setting stands
 
 
 def test_target_mode_overrides_libxl_mode(setup, mocker, tmp_path):
