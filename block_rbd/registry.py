@@ -66,6 +66,16 @@ def header_object(ioctx, spec):
     return "rbd_header." + raw[4:4 + length].decode()
 
 
+def addr_host(addr):
+    """The IP of a client address: "127.0.0.1:0/519349328", "v2:[::1]:0/7" -> "127.0.0.1", "::1"."""
+    addr = addr.split("/", 1)[0]
+    for prefix in ("v1:", "v2:", "any:"):
+        if addr.startswith(prefix):
+            addr = addr[len(prefix):]
+    host = addr.rsplit(":", 1)[0] if ":" in addr else addr
+    return host.strip("[]")
+
+
 CEPH_NOSNAP = 0xFFFFFFFFFFFFFFFE
 
 
@@ -337,9 +347,15 @@ class Registry:
         with cluster.ioctx(spec.pool, spec.namespace) as ioctx:
             header = header_object(ioctx, spec)
             records, _version = read_records(ioctx, header)
+            here = {addr_host(a) for a in self._own_addrs(cluster)}
             for client in sorted({records[k].client for k in keys if k in records and records[k].client}):
-                if fence:
+                if not fence:
+                    continue
+                if addr_host(client) in here:
                     self._blocklist(cluster, client)
+                else:  # a misrecorded client must never get another host fenced
+                    log.warning("%s: the recorded client %s is not on this host (%s): not fenced",
+                                spec.head(), client, ", ".join(sorted(here)) or "address unknown")
             before = frozenset(read_clients(cluster, spec)[0])
             result = start()
             new = deadline.retry(

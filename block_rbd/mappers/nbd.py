@@ -162,9 +162,10 @@ def _daemon_argv(proc_root, pid):
     try:
         if _read(os.path.join(proc_root, str(pid), "comm")).strip() != "rbd-nbd":
             return None
-        return _read(os.path.join(proc_root, str(pid), "cmdline")).split("\0")
+        cmdline = _read(os.path.join(proc_root, str(pid), "cmdline"))
     except OSError:
         return None
+    return cmdline.split("\0") if cmdline else None  # a zombie's is empty: it serves nothing
 
 
 def discover(sys_root="/sys", proc_root="/proc"):

@@ -698,6 +698,14 @@ def test_a_reattached_device_is_found_by_its_daemon_not_by_its_pid_file(mapper, 
         "--reattach-timeout", "30", "--rbd_qos_iops_limit=50"]
 
 
+def test_a_zombie_daemon_serves_nothing(host, mapper, config):
+    """Killed but not yet reaped: its device is an orphan already (heal and unmap find it)."""
+    pid = host.daemon("/dev/nbd3", ours(config, ImageSpec("rbd", "vm1"), cookie="z"), backend="z")
+    host.zombie(pid)
+    assert discover(host.sys_root, host.proc_root) == []
+    assert orphans(host.sys_root, host.proc_root) == {"/dev/nbd3": "z"}
+
+
 def test_a_pid_reused_by_another_devices_daemon_is_not_taken_for_it(host, mapper, config):
     """The dead first daemon's pid now belongs to nbd1's daemon: its cookie tells them apart."""
     pid = host.daemon("/dev/nbd1", ours(config, ImageSpec("rbd", "other"), cookie="cookie-b"), backend="cookie-b")
