@@ -66,11 +66,13 @@ HOST_PACKAGES = [
     "python3-packaging", "python3-py", "python3-attr",
     # pygrub's ext2/3/4 plugin (libxenfsimage's ext2fs-lib)
     "libext2fs2",
+    # the fuse mapper (rbd-fuse + loop)
+    "rbd-fuse", "fuse", "libfuse2",
 ]
 
 KMOD_ROOTS = [
     "xenfs", "xen-evtchn", "xen-gntdev", "xen-gntalloc", "xen-privcmd", "xen-blkback",
-    "xen-blkfront", "loop", "rbd", "nbd", "e1000", "virtio_pci", "virtio_net",
+    "xen-blkfront", "loop", "rbd", "nbd", "fuse", "e1000", "virtio_pci", "virtio_net",
     "libceph", "libcrc32c", "crc32c_generic", "crc32c-intel", "dns_resolver",
     # ms_mode=secure needs these (facts file); cheap to carry.
     "gcm", "ghash-generic", "ctr", "seqiv",
@@ -83,7 +85,7 @@ XENSTORE_TOOLS = ["xenstore", "xenstore-read", "xenstore-write", "xenstore-rm",
                   "xenstore-watch"]
 HOST_BINS = ["/usr/bin/bash", "/usr/bin/rbd", "/usr/bin/rbd-nbd", "/usr/bin/python3.11",
              "/usr/bin/setsid", "/usr/sbin/losetup", "/usr/bin/flock", "/usr/sbin/blockdev",
-             "/usr/bin/stat", "/usr/bin/readlink"]
+             "/usr/bin/stat", "/usr/bin/readlink", "/usr/bin/rbd-fuse", "/usr/bin/fusermount"]
 PY_STDLIB = "/usr/lib/python3.11"
 PY_STDLIB_EXCLUDE = {"test", "idlelib", "tkinter", "turtledemo", "ensurepip", "lib2to3",
                      "config-3.11-x86_64-linux-gnu", "pydoc_data", "unittest/test",

@@ -38,7 +38,7 @@ STORM_IMAGES = ["storm-%s-%d" % (label, i) for label in ("krbd", "nbd", "krbd-se
                 for i in range(STORM_N)]
 STALL_IMAGES = ["stall-krbd", "stall-nbd"]
 STALL_SECS = 20
-DAY2_IMAGES = ["day2-krbd", "day2-nbd", "day2-fs"]  # resize, discard, online fs growth under a guest
+DAY2_IMAGES = ["day2-krbd", "day2-nbd", "day2-fuse", "day2-fs"]  # resize, discard, online fs growth
 HEAL_IMAGES = ["heal-nbd"]               # rbd-nbd killed under a guest's writes
 QOS_IMAGES = ["qos-iops", "qos-bps", "qos-none"]
 GOLDEN = (b"block-rbd golden read-only data\n" * 32768)[:MiB]
