@@ -6,7 +6,9 @@ Every round (2 s), from local files (the cluster only to fence a dead daemon):
   before the kernel gives up on it (rbd-nbd's reattach timeout): the guest sees
   a pause, not an I/O error;
 - a loop device on rbd-fuse whose image grew (`block-rbd resize` on any host)
-  follows it.
+  follows it;
+- a netlink nbd device of ours left with neither daemon nor record (a map given up
+  too late to undo in its run's budget) is disconnected.
 Every SIZE_EVERY rounds, through the cluster: an nbd device whose image grew
 follows it (rbd-nbd 16.2's own netlink resize is refused by the kernel; krbd
 follows by itself).  One log line per recovery or change; none while all is well.
@@ -23,7 +25,7 @@ from .registry import Registry
 log = logging.getLogger("block-rbd")
 
 INTERVAL = 2.0
-SIZE_EVERY = 5
+SIZE_EVERY = 15  # 30 s: two small ops per nbd disk, kept off a boot storm's CPU
 
 
 def once(config, cluster=None, sizes=False):
@@ -32,7 +34,8 @@ def once(config, cluster=None, sizes=False):
     other steps still run."""
     from .mappers import nbd
     steps = [("heal", lambda: nbd.heal(config, cluster, Registry(config) if cluster else None)),
-             ("fuse sizes", lambda: attachments.follow_size(config, names=("fuse",)))]
+             ("fuse sizes", lambda: attachments.follow_size(config, names=("fuse",))),
+             ("nbd leftovers", lambda: nbd.sweep(config))]
     if sizes and cluster is not None:
         steps.append(("nbd sizes", lambda: nbd.follow_sizes(config, cluster)))
     for name, step in steps:

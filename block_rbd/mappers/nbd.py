@@ -47,6 +47,9 @@ DAEMON_EXIT = 30
 REATTACH_TIMEOUT = 30
 # The budget of one heal or restart of one device (an attach is a map's work).
 ATTACH_BUDGET = 30
+# Our cookies say they are ours: a netlink device left without daemon and without a
+# record by a map given up too late to undo (an overloaded boot storm) is swept by upkeep.
+COOKIE_PREFIX = "brbd-"
 
 
 def disconnect(device):
@@ -305,7 +308,7 @@ class NbdMapper(Mapper):
         yield None
 
     def _map(self, spec, read_only, options):
-        cookie = str(uuid.uuid4())
+        cookie = COOKIE_PREFIX + str(uuid.uuid4())
         state = local_state(self.config)
         try:
             with state.slot("nbd-map", MAP_SLOTS), contextlib.ExitStack() as stack:
@@ -503,6 +506,29 @@ def heal(config, cluster=None, registry=None, mapper=None):
                      record.device, record.image, pid, time.monotonic() - started)
             healed.append((record.device, pid))
     return healed
+
+
+def sweep(config, mapper=None):
+    """Disconnect netlink devices of ours (by cookie) that no daemon serves and no record
+    names: what a map given up too late to undo left (an overloaded boot storm); they
+    can never be healed (no record says what they were).  [device]."""
+    mapper = mapper or NbdMapper(config)
+    lost = orphans(mapper.sys_root, mapper.proc_root)
+    if not lost:
+        return []
+    known = {r.cookie for r in _nbd_records(local_state(config))}
+    swept = []
+    for device, backend in sorted(lost.items()):
+        if not backend.startswith(COOKIE_PREFIX) or backend in known:
+            continue
+        with deadline.budget(deadline.Deadline(ATTACH_BUDGET)):
+            disconnect_netlink(device)
+            deadline.retry(lambda: mapper._released(device, None), what="the release of %s" % device,
+                           give_up=lambda waited: MapperError("%s still connected %.0f s after the disconnect"
+                                                              % (device, waited)))
+        log.info("upkeep: disconnected %s, left without daemon or record by a map that was given up", device)
+        swept.append(device)
+    return swept
 
 
 def follow_sizes(config, cluster, mapper=None):

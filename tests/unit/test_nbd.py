@@ -340,7 +340,7 @@ def test_map_argv_exactly(mapper, rbd_nbd, host):
          "/etc/ceph/dom0a.keyring", "--try-netlink", "--cookie", cookie, "--reattach-timeout", "30",
          "--device", "/dev/nbd0"],
     ]
-    assert str(uuid.UUID(cookie)) == cookie  # a fresh one per map
+    assert cookie.startswith("brbd-") and str(uuid.UUID(cookie[5:])) == cookie[5:]  # a fresh one per map
     assert mapping.device == "/dev/nbd0" and mapping.mapper == "nbd" and not mapping.read_only
     assert mapping.details == {"cookie": cookie, "options": []}
     assert host.connected() == ["nbd0"] and host.backend("/dev/nbd0") == cookie
@@ -906,3 +906,20 @@ def test_heal_without_an_answer_from_the_cluster_still_attaches(mapper, rbd_nbd,
     assert healed[1] == mapper.serving("/dev/nbd0")
     assert any("the cluster did not answer (cannot reach the cluster: timed out); attaching without fencing"
                in r.getMessage() for r in logged.records)
+
+
+def test_sweep_disconnects_our_orphans_that_no_record_names_and_nothing_else(mapper, rbd_nbd, host, config,
+                                                                             kernel, logged):
+    state = nbd_mod.local_state(config)
+    recorded = mapper.map(ImageSpec("rbd", "vm1"), False)
+    record_of(state, recorded)
+    host.exit(mapper.serving("/dev/nbd0"))                          # healable: upkeep heals it
+    left = host.daemon("/dev/nbd4", ours(config, ImageSpec("rbd", "gone"), cookie="brbd-x"), backend="brbd-x")
+    host.exit(left)                                                 # a given-up map's leftover
+    theirs = host.daemon("/dev/nbd6", ["rbd-nbd", "map", "rbd/t", "--cookie", "y"], backend="y")
+    host.exit(theirs)                                               # not ours: left alone
+    assert nbd_mod.sweep(config, mapper) == ["/dev/nbd4"]
+    assert kernel.calls == ["/dev/nbd4"] and host.connected() == ["nbd0", "nbd6"]
+    assert "upkeep: disconnected /dev/nbd4, left without daemon or record by a map that was given up" in [
+        r.getMessage() for r in logged.records]
+    assert nbd_mod.sweep(config, mapper) == []

@@ -14,7 +14,8 @@ def steps(mocker):
     upkeep._failing.clear()
     return {"heal": mocker.patch.object(nbd, "heal", return_value=[]),
             "fuse": mocker.patch.object(attachments, "follow_size", return_value=[]),
-            "sizes": mocker.patch.object(nbd, "follow_sizes", return_value=[])}
+            "sizes": mocker.patch.object(nbd, "follow_sizes", return_value=[]),
+            "sweep": mocker.patch.object(nbd, "sweep", return_value=[])}
 
 
 def test_the_cluster_is_asked_only_in_size_rounds(steps, mocker):
@@ -22,6 +23,7 @@ def test_the_cluster_is_asked_only_in_size_rounds(steps, mocker):
     upkeep.once(config)
     steps["heal"].assert_called_once_with(config, None, None)
     steps["fuse"].assert_called_once_with(config, names=("fuse",))
+    steps["sweep"].assert_called_once_with(config)
     cluster = mocker.sentinel.cluster
     upkeep.once(config, cluster)
     assert steps["heal"].call_args.args[1] is cluster and steps["heal"].call_args.args[2] is not None
