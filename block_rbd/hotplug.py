@@ -40,6 +40,8 @@ log = logging.getLogger("block-rbd")
 KEY_IMAGE = "block-rbd-image"
 KEY_MODE = "block-rbd-mode"
 KEY_MAPPER = "block-rbd-mapper"
+# libxl's name for a domain `xl migrate-receive` is restoring (xl_migrate.c)
+MIGRATION_SUFFIX = "--incoming"
 
 
 class Backend:
@@ -61,6 +63,12 @@ class Backend:
         """The frontend domain's VM uuid (what `same VM` means across hosts)."""
         vm = self.xs.read_optional("/local/domain/%s/vm" % frontend_id)
         return vm.rsplit("/", 1)[-1] if vm else None
+
+    def incoming(self, frontend_id):
+        """Whether the frontend domain is an incoming live migration: `xl migrate-receive`
+        names it NAME--incoming until the migration completes (then renames it)."""
+        name = self.xs.read_optional("/local/domain/%s/name" % frontend_id)
+        return bool(name) and name.endswith(MIGRATION_SUFFIX)
 
     def connected(self, mapping, mode):
         major, minor = device_numbers(mapping.device)
@@ -95,8 +103,10 @@ def add(config, backend, cluster):
     target = parse(keys["params"], config["pool"])
     mode = effective_mode(target, keys.get("mode", "r"))
     frontend = keys.get("frontend-id", "")
-    request = Request(holder=backend.path, mode=mode, vm=backend.vm_uuid(frontend) if frontend else None,
-                      domid=frontend or None, devid=backend.devid)
+    guest = frontend not in ("", "0")
+    request = Request(holder=backend.path, mode=mode, vm=backend.vm_uuid(frontend) if guest else None,
+                      domid=frontend or None, devid=backend.devid,
+                      incoming=guest and backend.incoming(frontend))
     mapping = attachments.attach(config, cluster, target, request, Registry(config),
                                  publish=lambda m: backend.connected(m, mode))
     log.info("add: %s mode %s -> %s via %s in %.2f s", target.spec, mode, mapping.device,

@@ -7,7 +7,9 @@
 
 "Other" means another VM (VM uuid), on any host.  dom0's own attachments
 (frontend-id 0, pygrub, `block-rbd map`) are identified by host, because every
-dom0 has the same all-zero VM uuid.  Clients outside block-rbd count too: `w`
+dom0 has the same all-zero VM uuid.  The same VM on another host is "other"
+too, unless the requesting domain is an incoming live migration: a fixed
+`uuid=` started on two hosts (an HA manager's split brain) is two writers.  Clients outside block-rbd count too: `w`
 is refused while the image has foreign watchers, `r` while a foreign client
 owns the image's exclusive lock.
 
@@ -58,6 +60,7 @@ class Request:
     vm: Optional[str] = None
     domid: Optional[str] = None
     devid: Optional[str] = None
+    incoming: bool = False  # the domain is `xl migrate-receive`'s NAME--incoming
 
 
 @dataclass(frozen=True)
@@ -109,11 +112,26 @@ def fence_command(target, registration):
     return "block-rbd break-lock %s %s" % (target, registration.key)
 
 
-def decide(target, mode, ident, registrations, foreign_watchers=(), foreign_lock_owners=(),
-           stale="refuse"):
+def itself(registration, ident, host, incoming):
+    """Whether `registration` is the requester's own VM: on this host (pygrub's handover,
+    a same-host migration) or, for an incoming migration, on the host it comes from."""
+    return registration.identity == ident and (registration.host == host or incoming)
+
+
+def _why(registration, ident):
+    """What a refusal adds when the holder is the requester's own VM on another host."""
+    if registration.identity != ident:
+        return ""
+    return ("; the same VM on another host, and this domain is not an incoming live migration "
+            "(the same VM started on two hosts?)")
+
+
+def decide(target, mode, ident, registrations, *, host, incoming=False, foreign_watchers=(),
+           foreign_lock_owners=(), stale="refuse"):
     """Grant (a Decision) or raise AccessDenied in one line naming the holder.
 
-    target: the image, for messages.  ident: identity() of the requester.
+    target: the image, for messages.  ident: identity() of the requester, on `host`;
+    incoming: the requester is an incoming live migration.
     registrations: every Registration of the image (with its state).
     foreign_watchers / foreign_lock_owners: client addresses outside block-rbd.
     stale: "refuse" or "fence" (what to do about a stale conflicting holder).
@@ -122,10 +140,11 @@ def decide(target, mode, ident, registrations, foreign_watchers=(), foreign_lock
         raise ValueError("mode %r" % mode)
     if mode.endswith("!"):
         return Decision()
-    others = [r for r in registrations if r.identity != ident and conflicts(mode, r.mode)]
+    others = [r for r in registrations if not itself(r, ident, host, incoming) and conflicts(mode, r.mode)]
     live = sorted((r for r in others if r.state != STALE), key=lambda r: (r.since, r.key))
     if live:
-        raise AccessDenied("%s: %s refused: attached %s" % (target, mode, live[0].describe()))
+        raise AccessDenied("%s: %s refused: attached %s%s" % (target, mode, live[0].describe(),
+                                                              _why(live[0], ident)))
     if mode == "w" and foreign_watchers:
         raise AccessDenied("%s: w refused: watched by client %s outside block-rbd"
                            % (target, ", ".join(sorted(foreign_watchers))))
@@ -135,9 +154,10 @@ def decide(target, mode, ident, registrations, foreign_watchers=(), foreign_lock
     dead = tuple(sorted(others, key=lambda r: (r.since, r.key)))
     if dead and stale != "fence":
         first = dead[0]
-        raise AccessDenied("%s: %s refused: stale attachment %s; its client no longer watches the image; "
+        raise AccessDenied("%s: %s refused: stale attachment %s%s; its client no longer watches the image; "
                            "if host %s is really down, fence it: %s"
-                           % (target, mode, first.describe(), first.host, fence_command(target, first)))
+                           % (target, mode, first.describe(), _why(first, ident), first.host,
+                              fence_command(target, first)))
     return Decision(fence=dead)
 
 

@@ -236,7 +236,8 @@ class Registry:
             def attempt():
                 self._lock(ioctx, header, cookie, spec)
                 try:
-                    return self._check_and_register(cluster, ioctx, header, spec, reg, local_holders, fenced)
+                    return self._check_and_register(cluster, ioctx, header, spec, reg, request.incoming,
+                                                    local_holders, fenced)
                 except _VersionChanged:
                     return None  # librbd or an expired mutex changed the header: read again
                 finally:
@@ -247,10 +248,11 @@ class Registry:
                                           "%s: the image header kept changing during the access check "
                                           "for %.0f s; retry" % (spec.head(), waited)))
         token = Token(key, frozenset(watchers), time.monotonic() - started)
-        log.info("access %s to %s granted to %s in %.3f s", request.mode, spec.head(), key, token.seconds)
+        log.info("access %s to %s granted to %s in %.3f s%s", request.mode, spec.head(), key, token.seconds,
+                 " (an incoming live migration of VM %s)" % request.vm if request.incoming else "")
         return token
 
-    def _check_and_register(self, cluster, ioctx, header, spec, reg, local_holders, fenced):
+    def _check_and_register(self, cluster, ioctx, header, spec, reg, incoming, local_holders, fenced):
         """Under the mutex: read, decide, write; the watchers seen (for mapped())."""
         records, version = read_records(ioctx, header)
         watchers, owners = read_clients(cluster, spec)
@@ -263,7 +265,7 @@ class Registry:
         own = self._own_addrs(cluster)
         # Our own earlier registration's client (a repeated `map`) is no stranger.
         decision = policy.decide(
-            spec.head(), reg.mode, reg.identity, others,
+            spec.head(), reg.mode, reg.identity, others, host=self.host, incoming=incoming,
             foreign_watchers=policy.foreign(watchers, others + mine, own),
             foreign_lock_owners=policy.foreign(owners, others + mine, own),
             stale=self.stale)

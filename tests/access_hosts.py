@@ -38,9 +38,9 @@ class Host:
     def env(self):
         return {"BLOCK_RBD_CONFIG": self.config_path}
 
-    def backend(self, image, mode="w", domid=5, vm=None, params_extra=""):
+    def backend(self, image, mode="w", domid=5, vm=None, params_extra="", name=None):
         return self.libxl.backend("%s/%s%s" % (self.cluster.pool, image, params_extra), mode=mode,
-                                  domid=domid, vm=vm)
+                                  domid=domid, vm=vm, name=name)
 
     def add(self, path):
         self.added.append(path)

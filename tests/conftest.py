@@ -240,7 +240,9 @@ class Libxl:
         self.xs = xenstored
         self.next_devid = 51712
 
-    def backend(self, params, mode="w", domid=5, devid=None, vm=None):
+    def backend(self, params, mode="w", domid=5, devid=None, vm=None, name=None):
+        """A vbd backend for domain `domid` (its VM uuid `vm`, its name `name`, e.g.
+        NAME--incoming as `xl migrate-receive` calls the domain it restores)."""
         devid = devid or self.next_devid
         self.next_devid += 16
         path = "backend/vbd/%d/%d" % (domid, devid)
@@ -251,6 +253,8 @@ class Libxl:
             self.xs.write("%s/%s" % (full, key), value)
         if self.xs.read("/local/domain/%d/vm" % domid) is None:
             self.xs.write("/local/domain/%d/vm" % domid, "/vm/" + (vm or str(uuid.uuid4())))
+        if self.xs.read("/local/domain/%d/name" % domid) is None:
+            self.xs.write("/local/domain/%d/name" % domid, name or "guest%d" % domid)
         return path
 
     def run(self, command, path, env=None, timeout=60):

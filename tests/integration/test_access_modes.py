@@ -36,15 +36,15 @@ def target_of(ceph_cluster, image, mode):
     return mode, ""
 
 
-def add(host, ceph_cluster, image, mode, domid, vm):
+def add(host, ceph_cluster, image, mode, domid, vm, name=None):
     xl_mode, extra = target_of(ceph_cluster, image, mode)
-    path = host.backend(image, mode=xl_mode, domid=domid, vm=vm, params_extra=extra)
+    path = host.backend(image, mode=xl_mode, domid=domid, vm=vm, params_extra=extra, name=name)
     return path, host.add(path)
 
 
-def attached(host, ceph_cluster, image, mode, domid, vm):
+def attached(host, ceph_cluster, image, mode, domid, vm, name=None):
     """add() that must succeed: the backend path."""
-    path, result = add(host, ceph_cluster, image, mode, domid, vm)
+    path, result = add(host, ceph_cluster, image, mode, domid, vm, name)
     assert result.returncode == 0, result.stderr
     return path
 
@@ -59,28 +59,31 @@ def locks(host, image):
     return json.loads(result.stdout)["registrations"]
 
 
-def granted(requested, existing, same_vm):
-    if requested.endswith("!") or same_vm:
+def granted(requested, existing, who):
+    if requested.endswith("!") or who == "incoming":
         return True
     if requested == "w":
         return False
     return existing not in ("w", "w!")
 
 
-@pytest.mark.parametrize("requested,existing,same_vm",
-                         list(itertools.product(MODES, MODES, (False, True))))
-def test_matrix_through_hotplug(hosts, libxl, ceph_cluster, make_image, requested, existing, same_vm):
+# Host 1's VM holds the image; host 2 asks for another VM, for the same VM as an incoming
+# live migration, or for the same VM as a second `xl create` of one fixed-uuid config.
+@pytest.mark.parametrize("requested,existing,who",
+                         list(itertools.product(MODES, MODES, ("other-vm", "incoming", "created-twice"))))
+def test_matrix_through_hotplug(hosts, libxl, ceph_cluster, make_image, requested, existing, who):
     h1, h2 = hosts[0], hosts[1]
     image = make_image()
     vm_a = str(uuid.uuid4())
-    vm_b = vm_a if same_vm else str(uuid.uuid4())
-    domid = 10 + MODES.index(requested) * 8 + MODES.index(existing) * 2
-    path1, first = add(h1, ceph_cluster, image, existing, domid, vm_a)
+    vm_b = str(uuid.uuid4()) if who == "other-vm" else vm_a
+    domid = 10 + MODES.index(requested) * 12 + MODES.index(existing) * 3
+    path1, first = add(h1, ceph_cluster, image, existing, domid, vm_a, name="web")
     assert first.returncode == 0, first.stderr
     started = time.monotonic()
-    path2, second = add(h2, ceph_cluster, image, requested, domid + 1, vm_b)
+    path2, second = add(h2, ceph_cluster, image, requested, domid + 1, vm_b,
+                        name="web--incoming" if who == "incoming" else "web")
     elapsed = time.monotonic() - started
-    if granted(requested, existing, same_vm):
+    if granted(requested, existing, who):
         assert second.returncode == 0, second.stderr
         assert libxl.keys(path2)["hotplug-status"] == "connected"
         assert {r["key"] for r in locks(h1, image)} == {"host1:" + path1, "host2:" + path2}
@@ -90,6 +93,8 @@ def test_matrix_through_hotplug(hosts, libxl, ceph_cluster, make_image, requeste
         assert "\n" not in message
         assert "%s refused: attached %s by VM %s (host host1, domid %d" % (requested, existing, vm_a, domid) \
             in message, message
+        assert ("the same VM on another host, and this domain is not an incoming live migration"
+                in message) == (who == "created-twice")
         assert "physical-device" not in libxl.keys(path2)
         assert elapsed < 10
         assert [r["key"] for r in locks(h1, image)] == ["host1:" + path1]
@@ -185,7 +190,7 @@ def test_live_migration_across_hosts(hosts, libxl, ceph_cluster, make_image):
     image = make_image()
     vm = str(uuid.uuid4())
     src = attached(h1, ceph_cluster, image, "w", 50, vm)
-    dst = attached(h2, ceph_cluster, image, "w", 51, vm)  # destination while source holds
+    dst = attached(h2, ceph_cluster, image, "w", 51, vm, name="web--incoming")  # while the source holds
     other, result = add(h3, ceph_cluster, image, "w", 52, None)
     assert result.returncode == 1 and "refused" in error_of(libxl, other)
     assert h1.remove(src).returncode == 0  # source done
@@ -198,7 +203,7 @@ def test_failed_migration_keeps_source(hosts, libxl, ceph_cluster, make_image):
     image = make_image()
     vm = str(uuid.uuid4())
     src = attached(h1, ceph_cluster, image, "w", 55, vm)
-    dst = attached(h2, ceph_cluster, image, "w", 56, vm)
+    dst = attached(h2, ceph_cluster, image, "w", 56, vm, name="web--incoming")
     assert h2.remove(dst).returncode == 0  # migration failed: destination torn down
     assert [r["key"] for r in locks(h1, image)] == ["host1:" + src]
     other, result = add(h3, ceph_cluster, image, "w", 57, None)

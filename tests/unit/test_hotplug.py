@@ -159,6 +159,34 @@ def test_add_writes_the_contract_keys(setup, mocker, tmp_path):
                               devid="51712")
 
 
+@pytest.mark.parametrize("name,incoming", [("web1--incoming", True), ("web1", False),
+                                           ("web1--migratedaway", False), (None, False)])
+def test_an_incoming_migration_is_told_by_the_domain_name(setup, mocker, tmp_path, name, incoming):
+    node = str(tmp_path / "dev")
+    os.mknod(node, stat.S_IFBLK | 0o600, os.makedev(43, 0))
+    if name:
+        setup.xs.write("/local/domain/5/name", name)
+    mocker.patch.object(hotplug, "Cluster")
+    mocker.patch.object(hotplug, "Registry")
+    attach = mocker.patch.object(attachments, "attach", side_effect=publishing(
+        Mapping("krbd", ImageSpec("rbd", "vm1"), False, node)))
+    assert run("add") == 0
+    assert attach.call_args.args[3].incoming is incoming
+
+
+def test_dom0s_own_attach_reads_no_domain_facts(setup, mocker, tmp_path):
+    node = str(tmp_path / "dev")
+    os.mknod(node, stat.S_IFBLK | 0o600, os.makedev(43, 0))
+    setup.xs.write(FULL + "/frontend-id", "0")
+    setup.xs.write("/local/domain/0/name", "Domain-0--incoming")
+    mocker.patch.object(hotplug, "Cluster")
+    mocker.patch.object(hotplug, "Registry")
+    attach = mocker.patch.object(attachments, "attach", side_effect=publishing(
+        Mapping("krbd", ImageSpec("rbd", "vm1"), False, node)))
+    assert run("add") == 0
+    assert attach.call_args.args[3] == Request(holder=PATH, mode="w", vm=None, domid="0", devid="51712")
+
+
 @pytest.mark.parametrize("mapper", ["krbd", "nbd"])
 def test_a_writable_krbd_or_nbd_disk_keeps_libxls_discard_setting(setup, mocker, tmp_path, mapper):
     node = str(tmp_path / "dev")

@@ -6,11 +6,21 @@ import pytest
 
 from block_rbd import policy
 from block_rbd.errors import AccessDenied
-from block_rbd.policy import ALIVE, PENDING, STALE, Registration, decide
+from block_rbd.policy import ALIVE, PENDING, STALE, Registration
 
 MODES = ("r", "w", "r!", "w!")
 VM_A = "11111111-1111-1111-1111-111111111111"
 VM_B = "22222222-2222-2222-2222-222222222222"
+# Who holds the image, seen from a request of VM_A on host h1:
+WHO = ("other-vm",     # VM_B on h2
+       "same-host",    # VM_A on h1 (pygrub's handover, a same-host migration)
+       "incoming",     # VM_A on h2, the request is an incoming live migration
+       "elsewhere")    # VM_A on h2, the request is not a migration (a fixed uuid started twice)
+
+
+def decide(*args, host="h1", **kwargs):
+    """policy.decide for a request on host h1 unless a test says otherwise."""
+    return policy.decide(*args, host=host, **kwargs)
 
 
 def reg(mode, vm=VM_B, host="h2", holder="backend/vbd/7/51712", state=ALIVE, client="10.0.0.2:0/7",
@@ -19,29 +29,31 @@ def reg(mode, vm=VM_B, host="h2", holder="backend/vbd/7/51712", state=ALIVE, cli
                         client=client, since=since, state=state)
 
 
-def expected_grant(requested, existing, same_vm):
-    if requested.endswith("!") or same_vm:
+def expected_grant(requested, existing, who):
+    if requested.endswith("!") or who in ("same-host", "incoming"):
         return True
     if requested == "w":
         return False
     return existing not in ("w", "w!")
 
 
-@pytest.mark.parametrize("requested,existing,same_vm,state",
-                         list(itertools.product(MODES, MODES, (True, False), (ALIVE, PENDING, STALE))))
-def test_matrix(requested, existing, same_vm, state):
-    existing_reg = reg(existing, vm=VM_A if same_vm else VM_B, state=state)
-    grant = expected_grant(requested, existing, same_vm)
-    if grant:
-        decision = decide("rbd/img", requested, VM_A, [existing_reg])
+@pytest.mark.parametrize("requested,existing,who,state",
+                         list(itertools.product(MODES, MODES, WHO, (ALIVE, PENDING, STALE))))
+def test_matrix(requested, existing, who, state):
+    vm = VM_B if who == "other-vm" else VM_A
+    existing_reg = reg(existing, vm=vm, host="h1" if who == "same-host" else "h2", state=state)
+    if expected_grant(requested, existing, who):
+        decision = decide("rbd/img", requested, VM_A, [existing_reg], incoming=who == "incoming")
         assert decision.fence == ()
     else:
         with pytest.raises(AccessDenied) as info:
             decide("rbd/img", requested, VM_A, [existing_reg])
         message = str(info.value)
         assert "\n" not in message and message.startswith("rbd/img: %s refused" % requested)
-        for part in ("h2", VM_B, "domid 7", "devid 51712", "10.0.0.2:0/7", "2023-11-14T22:13:20Z"):
+        for part in ("h2", vm, "domid 7", "devid 51712", "10.0.0.2:0/7", "2023-11-14T22:13:20Z"):
             assert part in message
+        assert ("the same VM on another host, and this domain is not an incoming live migration"
+                in message) == (who == "elsewhere")
         if state == STALE:
             assert "block-rbd break-lock rbd/img h2:backend/vbd/7/51712" in message
 
@@ -50,7 +62,7 @@ def test_matrix(requested, existing, same_vm, state):
 def test_stale_conflict_is_fenced_under_fence(requested, existing):
     stale = reg(existing, state=STALE)
     decision = decide("rbd/img", requested, VM_A, [stale], stale="fence")
-    if expected_grant(requested, existing, False) and not requested.endswith("!"):
+    if expected_grant(requested, existing, "other-vm") and not requested.endswith("!"):
         assert decision.fence == ()  # not in conflict: left alone
     elif requested.endswith("!"):
         assert decision.fence == ()  # forced modes never touch others
@@ -115,11 +127,25 @@ def test_identity_dom0_is_per_host():
 def test_dom0_of_two_hosts_conflict():
     other_dom0 = reg("w", vm=policy.DOM0_UUID, domid="0", host="h2")
     with pytest.raises(AccessDenied, match="w by dom0"):
-        decide("rbd/img", "w", policy.identity("h1", policy.DOM0_UUID, "0"), [other_dom0])
+        decide("rbd/img", "w", policy.identity("h1", policy.DOM0_UUID, "0"), [other_dom0], incoming=True)
 
 
-def test_same_vm_on_another_host_never_conflicts():
-    decide("rbd/img", "w", VM_A, [reg("w", vm=VM_A, host="src")])
+def test_same_vm_on_another_host_only_as_an_incoming_migration():
+    source = reg("w", vm=VM_A, host="src")
+    decide("rbd/img", "w", VM_A, [source], incoming=True)
+    with pytest.raises(AccessDenied, match="not an incoming live migration"):
+        decide("rbd/img", "w", VM_A, [source])
+    # the incoming flag makes only the same VM the requester's own: another VM still refuses
+    with pytest.raises(AccessDenied, match="attached w by VM %s" % VM_B):
+        decide("rbd/img", "w", VM_A, [source, reg("w", host="h3")], incoming=True)
+
+
+def test_same_vm_of_a_stale_host_is_fenced_not_shared():
+    # an HA restart after a host died: its stale registration is fenced, not inherited
+    dead = reg("w", vm=VM_A, host="h2", state=STALE)
+    assert decide("rbd/img", "w", VM_A, [dead], stale="fence").fence == (dead,)
+    with pytest.raises(AccessDenied, match="stale attachment .*the same VM on another host"):
+        decide("rbd/img", "w", VM_A, [dead])
 
 
 def test_state_of():
