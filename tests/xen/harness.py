@@ -56,9 +56,43 @@ CLONE_NEWNET = 0x40000000
 # CPUs of the QEMU machine (= dom0's vcpus; guests share them).  MTTCG runs one host
 # thread per vcpu; worth it only where dom0 does things in parallel.
 SMP = max(1, int(os.environ.get("BLOCK_RBD_XEN_SMP", "1")))
+# A program's host.py may ask for another CPU model (QEMU_CPU: the two-host gate needs
+# SVM with nested paging for HVM/PVH guests); BLOCK_RBD_XEN_CPU overrides both.
+CPU = "qemu64"
 XEN_ARGS = (f"console=com1 com1=115200,8n1 dom0_mem=1024M,max:1024M dom0_max_vcpus={SMP} "
             "serial_tx_buffer=4M loglvl=all guest_loglvl=all")
 DOM0_ARGS = "console=hvc0 earlyprintk=xen loglevel=4"
+
+
+
+class Machine:
+    """One Xen host under QEMU: machine 0 is the one-host gate's (tap brbdtap0, dom0
+    10.250.250.2, serial.log, out/); machine i > 0 gets tap brbdtap<i>, 10.250.250.<2+i>,
+    serial-<name>.log and out-<name>/.  Every machine has its own dom0 identity."""
+
+    def __init__(self, index, name):
+        self.index = index
+        self.name = name
+        self.tap = f"brbdtap{index}"
+        self.addr = f"10.250.250.{2 + index}"
+        self.mac = f"52:54:00:fa:fa:{2 + index:02x}"
+        self.suffix = f"-{name}" if name else ""
+        self.qemu = None
+        self.stages = {}
+
+    def serial(self, workdir):
+        return os.path.join(workdir, f"serial{self.suffix}.log")
+
+    def outdir(self, workdir):
+        return os.path.join(workdir, f"out{self.suffix}")
+
+
+def machines_of(names):
+    """[Machine] for a program's MACHINES (default: the one-host gate's single machine)."""
+    if not names:
+        return [Machine(0, "")]
+    return [Machine(i, name) for i, name in enumerate(names)]
+
 
 RESULT_RE = re.compile(r"BRBD-RESULT (\S+) (PASS|FAIL|SKIP) (\S+) ?(.*)$")
 STAGE_RE = re.compile(r"BRBD-STAGE (\S+) (\S+)")
@@ -76,8 +110,9 @@ def run(argv, timeout=60, check=True, **kw):
 
 # ---------------------------------------------------------------- network namespace
 class Namespace:
-    def __init__(self):
+    def __init__(self, taps=(TAP,)):
         self.name = f"{NS_PREFIX}{os.getpid()}"
+        self.taps = list(taps)
         self.up = False
 
     def create(self):
@@ -89,10 +124,11 @@ class Namespace:
         run(n + ["link", "add", BRIDGE, "type", "bridge"])
         run(n + ["addr", "add", f"{HOST_ADDR}/{PREFIX}", "dev", BRIDGE])
         run(n + ["link", "set", BRIDGE, "up"])
-        run(n + ["tuntap", "add", "dev", TAP, "mode", "tap"])
-        run(n + ["link", "set", TAP, "master", BRIDGE])
-        run(n + ["link", "set", TAP, "up"])
-        log(f"namespace {self.name}: {BRIDGE} {HOST_ADDR}/{PREFIX}, tap {TAP}")
+        for tap in self.taps:
+            run(n + ["tuntap", "add", "dev", tap, "mode", "tap"])
+            run(n + ["link", "set", tap, "master", BRIDGE])
+            run(n + ["link", "set", tap, "up"])
+        log(f"namespace {self.name}: {BRIDGE} {HOST_ADDR}/{PREFIX}, taps {' '.join(self.taps)}")
 
     def exec_argv(self, argv):
         return ["ip", "netns", "exec", self.name] + list(argv)
@@ -210,6 +246,31 @@ def netns_listen(ns_name, addr, port):
             sock.bind((addr, port))
             sock.listen(8)
             made["sock"] = sock
+        except OSError as exc:
+            made["error"] = exc
+        finally:
+            os.close(fd)
+
+    t = threading.Thread(target=make)
+    t.start()
+    t.join()
+    if "error" in made:
+        raise made["error"]
+    return made["sock"]
+
+
+def netns_connect(ns_name, addr, port, timeout=10):
+    """A TCP connection to addr:port made inside namespace ns_name (see netns_listen)."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    made = {}
+
+    def make():
+        fd = os.open(f"/run/netns/{ns_name}", os.O_RDONLY)
+        try:
+            if libc.setns(fd, CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), f"setns into {ns_name}")
+            made["sock"] = socket.create_connection((addr, port), timeout=timeout)
         except OSError as exc:
             made["error"] = exc
         finally:
@@ -399,28 +460,37 @@ class Harness:
                         name, size = line.split()[:2]
                         self.images.append((name, int(size)))
         self.hooks = load_host_hooks(self.program)
+        self.machines = machines_of(getattr(self.hooks, "MACHINES", None))
         self.ns = None
         self.cluster = None
-        self.qemu = None
         self.control = None
         self.workdir = None
         self._torn = False
-        self.host_stages = {}
+        self.drive = None  # the host's drive(ctx) results, for a program that has one
+
+    @property
+    def host_stages(self):
+        return self.machines[0].stages
+
+    def machine(self, name):
+        return next(m for m in self.machines if m.name == name)
 
     def teardown(self):
         if self._torn:
             return
         self._torn = True
-        if self.qemu and self.qemu.poll() is None:
-            log("killing QEMU")
-            try:
-                os.killpg(self.qemu.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            try:
-                self.qemu.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                pass
+        for m in self.machines:
+            if m.qemu and m.qemu.poll() is None:
+                log(f"killing QEMU {m.name}".rstrip())
+                try:
+                    os.killpg(m.qemu.pid, signal.SIGCONT)  # a frozen one too
+                    os.killpg(m.qemu.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                try:
+                    m.qemu.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    pass
         if self.control:
             self.control.close(wait=5)
         if self.cluster:
@@ -442,16 +512,20 @@ class Harness:
                 os.makedirs(self.workdir, exist_ok=True)
             else:
                 self.workdir = tempfile.mkdtemp(prefix="brbd-xen-")
-            outdir = os.path.join(self.workdir, "out")
-            shutil.rmtree(outdir, ignore_errors=True)
-            os.makedirs(outdir)
+            for m in self.machines:
+                shutil.rmtree(m.outdir(self.workdir), ignore_errors=True)
+                os.makedirs(m.outdir(self.workdir))
 
-            self.ns = Namespace()
+            self.ns = Namespace([m.tap for m in self.machines])
             self.ns.create()
             config = {"BRBD_IP": DOM0_ADDR, "BRBD_PREFIX": PREFIX, "BRBD_HOST": HOST_ADDR,
                       "BRBD_TIMEOUT": max(60, self.timeout - 120), "BRBD_NIC": self.nic,
                       "BRBD_HAVE_CLUSTER": 0, "BRBD_ONLY": os.environ.get("BLOCK_RBD_XEN_ONLY", "")}
             files = {}
+            for m in self.machines:
+                m.config = {"BRBD_IP": m.addr, "BRBD_MACHINE": m.name,
+                            "BRBD_PEERS": " ".join(o.addr for o in self.machines if o is not m)}
+                m.files = {}
             if self.use_cluster:
                 self.cluster = Cluster(self.ns, self.workdir)
                 if self.cluster.available():
@@ -471,24 +545,23 @@ class Harness:
                     log("tools/testcluster.py not present: running without a cluster")
                     self.cluster = None
 
-            run_initrd = os.path.join(self.workdir, "run.cpio.gz")
-            build_run_cpio(run_initrd, self.program, config, files)
-            initrd = os.path.join(self.workdir, "initrd.cpio.gz")
-            with open(initrd, "wb") as out:
-                for p in (boot["initrd"], run_initrd):
-                    with open(p, "rb") as fh:
-                        shutil.copyfileobj(fh, out)
+            initrds = {}
+            for m in self.machines:
+                run_initrd = os.path.join(self.workdir, f"run{m.suffix}.cpio.gz")
+                build_run_cpio(run_initrd, self.program, dict(config, **m.config), dict(files, **m.files))
+                initrds[m.name] = os.path.join(self.workdir, f"initrd{m.suffix}.cpio.gz")
+                with open(initrds[m.name], "wb") as out:
+                    for p in (boot["initrd"], run_initrd):
+                        with open(p, "rb") as fh:
+                            shutil.copyfileobj(fh, out)
 
-            serial = os.path.join(self.workdir, "serial.log")
             t0 = time.time()
-            rc = self._boot(boot, initrd, serial)
+            rcs = self._boot(boot, initrds, HostContext(self, boot, config, files))
             timings["qemu"] = round(time.time() - t0, 2)
             timings["qemu_start_to_stage"] = self.host_stages
             if self.control:
                 self.control.close()
-            with open(serial, "rb") as fh:
-                text = fh.read().decode("utf-8", "replace")
-            parsed = parse_serial(text, outdir)
+            parsed = self._parse_all(rcs)
             if self.cluster is not None and hasattr(self.hooks, "verify"):
                 t0 = time.time()
                 try:
@@ -498,8 +571,8 @@ class Harness:
                                               "seconds": 0.0, "detail": repr(exc)})
                 timings["verify"] = round(time.time() - t0, 2)
             timings["total"] = round(time.time() - t_start, 2)
-            summary = {"qemu_rc": rc, "timings": timings, "workdir": self.workdir,
-                       "serial": serial, "build": boot, **parsed,
+            summary = {"timings": timings, "workdir": self.workdir,
+                       "serial": self.machines[0].serial(self.workdir), "build": boot, **parsed,
                        "host_actions": self.control.actions if self.control else []}
             with open(os.path.join(self.workdir, "summary.json"), "w") as fh:
                 json.dump(summary, fh, indent=1)
@@ -507,6 +580,31 @@ class Harness:
         finally:
             self.teardown()
             signal.signal(signal.SIGTERM, old_term)
+
+    def _parse_all(self, rcs):
+        """One machine: its parse_serial() as it always was.  Several: every machine's
+        results together, the run done only if every machine's was, per-machine facts under
+        "machines", the host's drive() results after them."""
+        per = {}
+        for m in self.machines:
+            with open(m.serial(self.workdir), "rb") as fh:
+                text = fh.read().decode("utf-8", "replace")
+            per[m.name] = dict(parse_serial(text, m.outdir(self.workdir)), qemu_rc=rcs[m.name])
+        if len(self.machines) == 1:
+            parsed = per[self.machines[0].name]
+        else:
+            first = per[self.machines[0].name]
+            parsed = {"results": [r for p in per.values() for r in p["results"]],
+                      "stages": first["stages"], "begun": first["begun"],
+                      "archive_ok": all(p["archive_ok"] for p in per.values()),
+                      "done": all(p["done"] for p in per.values()),
+                      "boot_fail": [f"{n}: {line}" for n, p in per.items() for line in p["boot_fail"]],
+                      "qemu_rc": 0 if all(p["qemu_rc"] == 0 for p in per.values())
+                      else {n: p["qemu_rc"] for n, p in per.items()},
+                      "machines": {n: {k: v for k, v in p.items() if k != "results"} for n, p in per.items()}}
+        if self.drive is not None:
+            parsed["results"] += self.drive
+        return parsed
 
     def _cluster_files(self, info, files):
         """Give dom0 a minimal ceph.conf and the non-admin keyring; create wanted images.
@@ -535,55 +633,130 @@ class Harness:
                 raise RuntimeError(f"rbd create {spec}: {p.stderr}")
         return cfg
 
-    def _boot(self, boot, initrd, serial):
+    def _qemu_argv(self, m, boot, initrd, serial):
         for p in (boot["kernel"], initrd):
             if "," in p:
                 raise RuntimeError(f"path with a comma cannot go to -initrd: {p}")
-        argv = self.ns.exec_argv([
-            "qemu-system-x86_64", "-machine", "pc,accel=tcg", "-cpu", "qemu64", "-m", "2048",
+        return self.ns.exec_argv([
+            "qemu-system-x86_64", "-machine", "pc,accel=tcg", "-cpu",
+            os.environ.get("BLOCK_RBD_XEN_CPU") or getattr(self.hooks, "QEMU_CPU", CPU), "-m", "2048",
             "-smp", str(SMP), "-nographic", "-no-reboot", "-monitor", "none",
             "-serial", f"file:{serial}",
             "-kernel", boot["xen"], "-append", XEN_ARGS,
             "-initrd", f"{boot['kernel']} {DOM0_ARGS},{initrd}",
-            "-netdev", f"tap,id=n0,ifname={TAP},script=no,downscript=no",
-            "-device", f"e1000,netdev=n0,mac={DOM0_MAC}" if self.nic == "e1000"
-            else f"virtio-net-pci,netdev=n0,mac={DOM0_MAC}",
+            "-netdev", f"tap,id=n0,ifname={m.tap},script=no,downscript=no",
+            "-device", f"e1000,netdev=n0,mac={m.mac}" if self.nic == "e1000"
+            else f"virtio-net-pci,netdev=n0,mac={m.mac}",
         ])
-        with open(os.path.join(self.workdir, "qemu.cmd"), "w") as fh:
-            fh.write(json.dumps(argv) + "\n")
-        qlog = open(os.path.join(self.workdir, "qemu.log"), "wb")
-        log(f"booting Xen in QEMU (timeout {self.timeout}s), serial -> {serial}")
-        self.qemu = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=qlog,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+
+    def _boot(self, boot, initrds, ctx):
+        """Run every machine's QEMU to its end (and the program's drive(ctx) beside them,
+        if it has one); {machine name: QEMU's exit code or "timeout"}."""
+        qlogs = []
         t0 = time.time()
-        self.host_stages = {}
-        seen = b""
+        for m in self.machines:
+            serial = m.serial(self.workdir)
+            argv = self._qemu_argv(m, boot, initrds[m.name], serial)
+            with open(os.path.join(self.workdir, f"qemu{m.suffix}.cmd"), "w") as fh:
+                fh.write(json.dumps(argv) + "\n")
+            qlog = open(os.path.join(self.workdir, f"qemu{m.suffix}.log"), "wb")
+            qlogs.append(qlog)
+            log(f"booting Xen in QEMU {m.name} (timeout {self.timeout}s), serial -> {serial}")
+            m.qemu = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=qlog,
+                                      stderr=subprocess.STDOUT, start_new_session=True)
+            m.stages, m.seen = {}, b""
+        driver = None
+        if hasattr(self.hooks, "drive"):
+            def drive():
+                try:
+                    self.drive = self.hooks.drive(ctx)
+                except Exception as exc:  # the scenarios it did not report fail below
+                    log(f"drive failed: {type(exc).__name__}: {exc}")
+                    self.drive = [{"name": "host-drive", "status": "FAIL", "seconds": 0.0,
+                                   "detail": f"{type(exc).__name__}: {exc}"}]
+            driver = threading.Thread(target=drive, daemon=True)
+            driver.start()
+        rcs = {}
         try:
-            # poll: note the host time each BRBD-STAGE line first shows up on the serial
-            while True:
-                try:
-                    return self.qemu.wait(timeout=0.2)
-                except subprocess.TimeoutExpired:
-                    pass
+            # poll: note the host time each BRBD-STAGE line first shows up on a serial
+            while len(rcs) < len(self.machines):
+                time.sleep(0.2)
+                for m in self.machines:
+                    if m.name in rcs:
+                        continue
+                    rc = m.qemu.poll()
+                    if rc is not None:
+                        rcs[m.name] = rc
+                    m.seen = self._stages(m, m.seen, t0)
                 if time.time() - t0 > self.timeout:
-                    raise subprocess.TimeoutExpired(argv, self.timeout)
-                try:
-                    with open(serial, "rb") as fh:
-                        fh.seek(len(seen))
-                        seen += fh.read()
-                except FileNotFoundError:
-                    continue
-                for m in re.finditer(rb"BRBD-STAGE (\S+) ", seen):
-                    name = m.group(1).decode()
-                    if name not in self.host_stages:
-                        self.host_stages[name] = round(time.time() - t0, 2)
-        except subprocess.TimeoutExpired:
-            log("QEMU hard timeout: killing it")
-            os.killpg(self.qemu.pid, signal.SIGKILL)
-            self.qemu.wait(timeout=30)
-            return "timeout"
+                    log("QEMU hard timeout: killing it")
+                    for m in self.machines:
+                        if m.name not in rcs:
+                            os.killpg(m.qemu.pid, signal.SIGCONT)
+                            os.killpg(m.qemu.pid, signal.SIGKILL)
+                            m.qemu.wait(timeout=30)
+                            rcs[m.name] = "timeout"
+            if driver:
+                driver.join(timeout=60)
+            return rcs
         finally:
-            qlog.close()
+            for qlog in qlogs:
+                qlog.close()
+
+    def _stages(self, m, seen, t0):
+        try:
+            with open(m.serial(self.workdir), "rb") as fh:
+                fh.seek(len(seen))
+                seen += fh.read()
+        except FileNotFoundError:
+            return seen
+        for match in re.finditer(rb"BRBD-STAGE (\S+) ", seen):
+            name = match.group(1).decode()
+            if name not in m.stages:
+                m.stages[name] = round(time.time() - t0, 2)
+        return seen
+
+
+class Agent:
+    """A machine's dom0 agent (tests/xen/dom0/brbd-agent), reached from the host."""
+
+    PORT = 7460
+
+    def __init__(self, ns_name, machine):
+        self.ns_name = ns_name
+        self.machine = machine
+
+    def _call(self, request, timeout):
+        sock = netns_connect(self.ns_name, self.machine.addr, self.PORT, timeout=10)
+        with sock:
+            sock.settimeout(timeout + 30)
+            sock.sendall(json.dumps(request).encode() + b"\n")
+            reply = sock.makefile("r", encoding="utf-8", errors="replace").readline()
+        if not reply:
+            raise RuntimeError(f"dom0 {self.machine.name}: the agent closed without a reply")
+        return json.loads(reply)
+
+    def wait_ready(self, timeout):
+        """Until the agent answers (dom0 booted and started it); False after `timeout`."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.machine.qemu is not None and self.machine.qemu.poll() is not None:
+                return False
+            try:
+                return self._call({"sh": "true", "timeout": 10}, 10)["rc"] == 0
+            except OSError:
+                time.sleep(1)
+        return False
+
+    def sh(self, script, timeout=120):
+        """{"rc", "out", "secs"} of `sh -c script` in dom0 (under /brbd/run)."""
+        return self._call({"sh": script, "timeout": timeout}, timeout)
+
+    def finish(self):
+        try:
+            self._call({"finish": True}, 10)
+        except (OSError, RuntimeError, ValueError) as exc:
+            log(f"dom0 {self.machine.name}: finish: {exc}")
 
 
 def load_host_hooks(program):
@@ -620,6 +793,17 @@ class HostContext:
     def cluster_ctl(self, command, *args, timeout=120):
         """tools/testcluster.py COMMAND on the run's cluster (status, restart-mon...)."""
         return self.harness.cluster.ctl(command, *args, timeout=timeout)
+
+    @property
+    def machines(self):
+        return self.harness.machines
+
+    def agent(self, name):
+        return Agent(self.harness.ns.name, self.harness.machine(name))
+
+    def signal_machine(self, name, sig):
+        """Send `sig` to a machine's QEMU (SIGSTOP freezes the whole host: Xen, dom0, guests)."""
+        os.kill(self.harness.machine(name).qemu.pid, sig)
 
     @property
     def actions(self):

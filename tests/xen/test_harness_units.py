@@ -177,3 +177,32 @@ brbd_scenario d skip
     assert "after a:" not in p.stdout and "after d:" not in p.stdout
     left = subprocess.run(["pgrep", "-f", "sleep 10[12]"], capture_output=True, text=True).stdout
     assert not left.strip(), "the hung scenario's processes are still running: %s" % left
+
+
+def test_machines_keep_the_one_host_layout_and_number_the_others(tmp_path):
+    (one,) = harness.machines_of(None)
+    assert (one.tap, one.addr, one.mac) == ("brbdtap0", harness.DOM0_ADDR, harness.DOM0_MAC)
+    assert one.serial(str(tmp_path)) == str(tmp_path / "serial.log")
+    assert one.outdir(str(tmp_path)) == str(tmp_path / "out")
+    a, b = harness.machines_of(["a", "b"])
+    assert (a.tap, a.addr, a.mac) == ("brbdtap0", "10.250.250.2", "52:54:00:fa:fa:02")
+    assert (b.tap, b.addr, b.mac) == ("brbdtap1", "10.250.250.3", "52:54:00:fa:fa:03")
+    assert b.serial(str(tmp_path)) == str(tmp_path / "serial-b.log")
+    assert b.outdir(str(tmp_path)) == str(tmp_path / "out-b")
+
+
+def test_several_machines_report_together(tmp_path):
+    h = harness.Harness.__new__(harness.Harness)
+    h.machines = harness.machines_of(["a", "b"])
+    h.workdir = str(tmp_path)
+    h.drive = [{"name": "from-the-host", "status": "PASS", "seconds": 1.0, "detail": "x"}]
+    for m, extra in zip(h.machines, ("BRBD-RESULT early PASS 0.5 fine\n", "")):
+        os.makedirs(m.outdir(h.workdir))
+        with open(m.serial(h.workdir), "w") as fh:
+            fh.write("BRBD-STAGE kernel-up 5.0\n" + extra + "BRBD-DONE\n")
+    parsed = h._parse_all({"a": 0, "b": 0})
+    assert [r["name"] for r in parsed["results"]] == ["early", "from-the-host"]
+    assert parsed["qemu_rc"] == 0 and parsed["done"]
+    assert parsed["archive_ok"] is False  # no machine shipped its archive
+    assert sorted(parsed["machines"]) == ["a", "b"]
+    assert h._parse_all({"a": 0, "b": "timeout"})["qemu_rc"] == {"a": 0, "b": "timeout"}

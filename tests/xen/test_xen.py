@@ -18,12 +18,16 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 GATE = os.path.join(HERE, "guest", "gate")
+TWOHOST = os.path.join(HERE, "guest", "twohost")
 SCENARIOS = [
     "krbd-attach", "nbd-attach", "ro-attach", "missing-image", "msgr2-only-krbd", "pv-guest-4disks",
     "pygrub-guest", "pytest-dom0-krbd", "pytest-dom0-nbd", "bench-attach", "mon-restart-add",
     "osd-stall-guest", "day2-guest", "qos-dom0", "nbd-heal-guest", "storm-krbd-service", "storm-nbd-service",
     "nothing-left-mapped",
 ]
+# The two-host gate (guest/twohost/host.py drives them): two Xen machines, one cluster.
+TWOHOST_SCENARIOS = ["cross-host-refusals", "fixed-uuid-twice", "migrate-krbd", "migrate-nbd", "migrate-fail",
+                     "frozen-host-fenced"]
 # Under TCG one run takes ~7 min of one core; a busy machine stretches that.  A hung run
 # is stopped here, well inside CI's 45 min (each scenario also has its own limit in dom0).
 TIMEOUT = int(os.environ.get("BLOCK_RBD_XEN_TIMEOUT", "1500"))
@@ -39,16 +43,23 @@ def _unavailable():
     return None
 
 
-@pytest.fixture(scope="session")
-def gate(tmp_path_factory):
+def _selected(names):
+    only = os.environ.get("BLOCK_RBD_XEN_ONLY", "").split()
+    return not only or any(n in only for n in names)
+
+
+def _run_gate(tmp_path_factory, program, label, scenarios):
     reason = _unavailable()
     if reason:
         pytest.skip(reason)
+    if not _selected(scenarios):
+        pytest.skip("none of its scenarios selected (BLOCK_RBD_XEN_ONLY)")
     import harness
-    workdir = os.environ.get("BLOCK_RBD_XEN_KEEP") or str(tmp_path_factory.mktemp("xen-gate"))
+    keep = os.environ.get("BLOCK_RBD_XEN_KEEP")
+    workdir = os.path.join(keep, label) if keep else str(tmp_path_factory.mktemp("xen-" + label))
     started = time.time()
     try:
-        summary = harness.run_program(GATE, use_cluster=True, timeout=TIMEOUT, keep=workdir)
+        summary = harness.run_program(program, use_cluster=True, timeout=TIMEOUT, keep=workdir)
     except SystemExit as exc:  # SIGTERM: the harness tore everything down; stop, don't reboot
         pytest.exit("Xen gate terminated (%s)" % exc, returncode=2)
     except Exception as exc:
@@ -56,6 +67,16 @@ def gate(tmp_path_factory):
         summary = {"error": "%s: %s" % (type(exc).__name__, exc)}
     summary["wall"] = round(time.time() - started, 1)
     return summary
+
+
+@pytest.fixture(scope="session")
+def gate(tmp_path_factory):
+    return _run_gate(tmp_path_factory, GATE, "gate", SCENARIOS)
+
+
+@pytest.fixture(scope="session")
+def twohost(tmp_path_factory):
+    return _run_gate(tmp_path_factory, TWOHOST, "twohost", TWOHOST_SCENARIOS)
 
 
 def _check_ran(gate):
@@ -101,6 +122,20 @@ def test_vm_ran_to_the_end(gate):
 
 @pytest.mark.parametrize("name", SCENARIOS)
 def test_scenario(gate, name):
+    _check_scenario(gate, name)
+
+
+def test_two_hosts_ran_to_the_end(twohost):
+    """Both dom0s finished and their result archives came back intact."""
+    test_vm_ran_to_the_end(twohost)
+
+
+@pytest.mark.parametrize("name", TWOHOST_SCENARIOS)
+def test_two_host_scenario(twohost, name):
+    _check_scenario(twohost, name, logs="twohost")
+
+
+def _check_scenario(gate, name, logs=None):
     _check_ran(gate)
     found = [r for r in gate["results"] if r["name"] == name]
     assert found, "scenario %s did not report (serial log %s); the serial log ends:\n%s" % (
@@ -108,7 +143,7 @@ def test_scenario(gate, name):
     result = found[-1]
     if result["status"] == "SKIP":
         pytest.skip(result["detail"])
-    log = os.path.join(gate["workdir"], "out", "scenarios", name + ".log")
+    log = os.path.join(gate["workdir"], *((logs,) if logs else ("out", "scenarios"))) + "/%s.log" % name
     assert result["status"] == "PASS", "%s (log %s); the log ends:\n%s" % (
         result["detail"], log, _tail(log) if os.path.exists(log) else _serial_tail(gate, name))
 
@@ -167,3 +202,18 @@ def test_report(gate, capsys):
     with capsys.disabled():
         print("\n".join(lines))
     assert re.match(r"\d", str(gate["wall"]))
+
+
+def test_two_host_report(twohost, capsys):
+    """Not a check: prints the two-host gate's times and every scenario's whole result."""
+    _check_ran(twohost)
+    lines = ["", "Two-host Xen gate: wall %.1f s (build %s s, cluster %s s, prepare %s s, QEMU %s s)"
+             % (twohost["wall"], *(twohost["timings"].get(k) for k in ("build", "cluster", "prepare", "qemu")))]
+    for name, facts in sorted(twohost.get("machines", {}).items()):
+        lines.append("  dom0 %s stages (s since boot): " % name + ", ".join(
+            "%s %.1f" % (k, v) for k, v in facts["stages"].items() if v is not None))
+    for r in twohost["results"]:
+        lines.append("  %-20s %-5s %7s s  %s" % (r["name"], r["status"], r["seconds"], r["detail"]))
+    with capsys.disabled():
+        print("\n".join(lines))
+    assert re.match(r"\d", str(twohost["wall"]))

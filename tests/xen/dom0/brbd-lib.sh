@@ -102,3 +102,35 @@ brbd_host() {
     echo "host $*: ${_reply:-no reply}"
     case "$_reply" in ok*) return 0 ;; *) return 1 ;; esac
 }
+
+# The per-host daemons block-rbd ships systemd units for, started the way systemd would
+# (no systemd in this dom0).  The service: hotplug runs use it when it answers; a checkout
+# without the command skips it.
+BRBD_SCRIPT=/etc/xen/scripts/block-rbd
+SERVICE_SOCK=/run/block-rbd/hotplug.sock
+service_missing() {
+    $BRBD_SCRIPT service --help > $OUT/service-help.txt 2>&1 && return 1
+    echo "block-rbd service: command missing in this checkout (\`$BRBD_SCRIPT service --help\` failed: $(head -n 1 $OUT/service-help.txt))"
+}
+service_start() {
+    [ -n "$BRBD_SERVICE_MISSING" ] && return 0
+    if [ -f /run/brbd-service.pid ] && kill -0 $(cat /run/brbd-service.pid) 2>/dev/null; then return 0; fi
+    mkdir -p /run/block-rbd
+    # --idle: no systemd here to start it again on demand once it exits idle
+    setsid $BRBD_SCRIPT service --socket $SERVICE_SOCK --idle 3600 >> $OUT/service.log 2>&1 < /dev/null &
+    echo $! > /run/brbd-service.pid
+    brbd_wait_for $SERVICE_SOCK 300 || echo "block-rbd service: no $SERVICE_SOCK after 30 s (see service.log)"
+}
+service_stop() {
+    [ -f /run/brbd-service.pid ] || return 0
+    _p=$(cat /run/brbd-service.pid); rm -f /run/brbd-service.pid
+    kill -TERM $_p 2>/dev/null || return 0
+    _i=0; while kill -0 $_p 2>/dev/null && [ $_i -lt 100 ]; do sleep 0.1; _i=$((_i+1)); done
+    ! kill -0 $_p 2>/dev/null || echo "block-rbd service $_p still running 10 s after SIGTERM"
+}
+# block-rbd upkeep (block-rbd-upkeep.service): it logs where the hotplug runs do
+UPKEEP_LOG=/var/log/xen/xen-hotplug.log
+upkeep_start() {
+    setsid $BRBD_SCRIPT upkeep >> $OUT/upkeep.log 2>&1 < /dev/null &
+    echo $! > /run/brbd-upkeep.pid
+}
