@@ -226,62 +226,49 @@ class Cluster:
                    timeout=timeout, check=False)
 
 
-def netns_listen(ns_name, addr, port):
-    """A TCP socket listening on addr:port inside namespace ns_name.
+def in_netns(ns_name, make):
+    """make() run inside namespace ns_name; what it returns (a socket: it stays in that
+    namespace whichever thread uses it afterwards).
 
-    setns() moves only the calling thread, so a short-lived thread makes the socket;
-    it stays in that namespace whichever thread uses it afterwards.
+    setns() moves only the calling thread, so a short-lived thread does it.
     """
     import ctypes
     libc = ctypes.CDLL(None, use_errno=True)
     made = {}
 
-    def make():
+    def run_there():
         fd = os.open(f"/run/netns/{ns_name}", os.O_RDONLY)
         try:
             if libc.setns(fd, CLONE_NEWNET) != 0:
                 raise OSError(ctypes.get_errno(), f"setns into {ns_name}")
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((addr, port))
-            sock.listen(8)
-            made["sock"] = sock
+            made["value"] = make()
         except OSError as exc:
             made["error"] = exc
         finally:
             os.close(fd)
 
-    t = threading.Thread(target=make)
+    t = threading.Thread(target=run_there)
     t.start()
     t.join()
     if "error" in made:
         raise made["error"]
-    return made["sock"]
+    return made["value"]
+
+
+def netns_listen(ns_name, addr, port):
+    """A TCP socket listening on addr:port inside namespace ns_name."""
+    def make():
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((addr, port))
+        sock.listen(8)
+        return sock
+    return in_netns(ns_name, make)
 
 
 def netns_connect(ns_name, addr, port, timeout=10):
-    """A TCP connection to addr:port made inside namespace ns_name (see netns_listen)."""
-    import ctypes
-    libc = ctypes.CDLL(None, use_errno=True)
-    made = {}
-
-    def make():
-        fd = os.open(f"/run/netns/{ns_name}", os.O_RDONLY)
-        try:
-            if libc.setns(fd, CLONE_NEWNET) != 0:
-                raise OSError(ctypes.get_errno(), f"setns into {ns_name}")
-            made["sock"] = socket.create_connection((addr, port), timeout=timeout)
-        except OSError as exc:
-            made["error"] = exc
-        finally:
-            os.close(fd)
-
-    t = threading.Thread(target=make)
-    t.start()
-    t.join()
-    if "error" in made:
-        raise made["error"]
-    return made["sock"]
+    """A TCP connection to addr:port made inside namespace ns_name."""
+    return in_netns(ns_name, lambda: socket.create_connection((addr, port), timeout=timeout))
 
 
 class Control:

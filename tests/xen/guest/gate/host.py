@@ -355,6 +355,26 @@ def test_tree(files):
                 files["/opt/block-rbd/" + name] = fh.read()
 
 
+def fill_images(ctx, work, spec, extra=()):
+    """Create every image of spec {name: (size, [(offset, bytes)])} afresh, with those
+    writes, as the admin through librbd; `extra`: more job items (writes from files)."""
+    job = []
+    for name, (size, writes) in sorted(spec.items()):
+        item = {"name": name, "size": size, "writes": []}
+        for n, (off, data) in enumerate(writes):
+            path = os.path.join(work, "%s.%d.bin" % (name, n))
+            with open(path, "wb") as fh:
+                fh.write(data)
+            item["writes"].append([off, path])
+        job.append(item)
+    job += list(extra)
+    with open(os.path.join(work, "fill.json"), "w") as fh:
+        json.dump(job, fh)
+    p = ctx.admin_python(FILL, [os.path.join(work, "fill.json")], timeout=180)
+    if p.returncode != 0 or "ok" not in p.stdout:
+        raise RuntimeError("filling the images failed: %s" % p.stderr[-2000:])
+
+
 def prepare(ctx):
     work = _workdir(ctx)
     pattern = hashlib.sha256(b"block-rbd gate").digest() * (PATTERN_LEN // 32)
@@ -367,23 +387,9 @@ def prepare(ctx):
     ctx.files["/brbd/guest/vmlinuz"] = kernel
     ctx.files["/brbd/guest/initrd.gz"] = initrd
 
-    job = []
-    for name, (size, writes) in sorted(images(pattern).items()):
-        item = {"name": name, "size": size, "writes": []}
-        for n, (off, data) in enumerate(writes):
-            path = os.path.join(work, "%s.%d.bin" % (name, n))
-            with open(path, "wb") as fh:
-                fh.write(data)
-            item["writes"].append([off, path])
-        job.append(item)
     fs = os.path.join(work, "pygrub.ext4")
     size_mb = pygrub_fs(ctx, kernel, initrd, fs)
-    job.append({"name": "pygrub", "size": size_mb * MiB, "writes": [[0, fs]]})
-    with open(os.path.join(work, "fill.json"), "w") as fh:
-        json.dump(job, fh)
-    p = ctx.admin_python(FILL, [os.path.join(work, "fill.json")], timeout=180)
-    if p.returncode != 0 or "ok" not in p.stdout:
-        raise RuntimeError("filling the gate's images failed: %s" % p.stderr[-2000:])
+    fill_images(ctx, work, images(pattern), [{"name": "pygrub", "size": size_mb * MiB, "writes": [[0, fs]]}])
 
     ctx.files["/etc/xen/block-rbd.yaml"] = dom0_config(ctx).encode()
     ctx.config["BRBD_PATTERN_MD5"] = hashlib.md5(pattern).hexdigest()

@@ -69,20 +69,7 @@ def prepare(ctx):
     with open(ctx.boot["kernel"], "rb") as fh:
         ctx.files["/brbd/guest/vmlinuz"] = fh.read()
     ctx.files["/brbd/guest/initrd.gz"] = gate.guest_initrd(ctx)
-    job = []
-    for name, writes in sorted(IMAGES.items()):
-        item = {"name": name, "size": IMAGE_SIZE, "writes": []}
-        for n, (off, data) in enumerate(writes):
-            path = os.path.join(work, "%s.%d.bin" % (name, n))
-            with open(path, "wb") as fh:
-                fh.write(data)
-            item["writes"].append([off, path])
-        job.append(item)
-    with open(os.path.join(work, "fill.json"), "w") as fh:
-        json.dump(job, fh)
-    p = ctx.admin_python(gate.FILL, [os.path.join(work, "fill.json")], timeout=180)
-    if p.returncode != 0 or "ok" not in p.stdout:
-        raise RuntimeError("filling the two-host gate's images failed: %s" % p.stderr[-2000:])
+    gate.fill_images(ctx, work, {name: (IMAGE_SIZE, writes) for name, writes in IMAGES.items()})
     for m in ctx.machines:
         m.files["/etc/xen/block-rbd.yaml"] = dom0_config(ctx, m.name, "refuse").encode()
         m.files[FENCE_CONFIG] = dom0_config(ctx, m.name, "fence").encode()
