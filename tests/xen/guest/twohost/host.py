@@ -361,20 +361,27 @@ def migrate(run, mapper):
             % (mapper, there["wall"], back["wall"], report["blocks"], "/".join("%.1f" % p for p in pauses) or "<1"))
 
 
-# On the receiving dom0: once libxl has written the incoming domain's disk backend (its
-# hotplug add is starting), kill -9 the receiving xl: the migration fails at the sender
-# while the orphaned add still maps the disk; then wait for that add to finish.
+# On the receiving dom0: once the incoming domain's disk backend exists and block-rbd's
+# add for it has logged its start, kill -9 the receiving xl (the agent names its pid):
+# the migration fails at the sender while the orphaned add still maps the disk; then
+# wait for that add to finish.  Cheap polls: the add takes a second or two under TCG.
 KILL_RECEIVER = r"""
+before=" $(xenstore-list /local/domain/0/backend/vbd 2>/dev/null | tr '\n' ' ') "
+i=0 d=""
+while [ -z "$d" ]; do
+    for x in $(xenstore-list /local/domain/0/backend/vbd 2>/dev/null); do
+        case "$before" in *" $x "*) ;; *) d=$x ;; esac
+    done
+    i=$((i+1)); [ $i -gt 3000 ] && { echo "no disk backend of the incoming domain within 150 s"; exit 1; }
+    [ -n "$d" ] || sleep 0.05
+done
 i=0
-while :; do
-    d=$(xl domid %(name)s--incoming 2>/dev/null) && xenstore-exists /local/domain/0/backend/vbd/$d/51712/params && break
-    i=$((i+1)); [ $i -gt 1500 ] && { echo "no disk backend of %(name)s--incoming within 150 s"; exit 1; }
-    sleep 0.1
+until grep -q "add: start (XENBUS_PATH=backend/vbd/$d/51712)" /var/log/xen/xen-hotplug.log; do
+    i=$((i+1)); [ $i -gt 1200 ] && { echo "libxl did not run the add of domain $d's disk within 60 s"; exit 1; }
+    sleep 0.05
 done
-for p in /proc/[0-9]*; do
-    [ "$(cat $p/comm 2>/dev/null)" = xl ] && tr '\0' ' ' < $p/cmdline 2>/dev/null | grep -q migrate-receive \
-        && kill -9 ${p#/proc/} && echo "killed the receiving xl (pid ${p#/proc/}) as domain $d's disk add began"
-done
+pid=$(cat /run/brbd-migrate-receive.pid 2>/dev/null) && kill -9 $pid \
+    && echo "killed the receiving xl (pid $pid) as domain $d's disk add began"
 i=0
 until [ -n "$(xenstore-read /local/domain/0/backend/vbd/$d/51712/hotplug-status 2>/dev/null)" ]; do
     i=$((i+1)); [ $i -gt 600 ] && { echo "the orphaned add of domain $d did not finish within 60 s"; exit 1; }
@@ -401,6 +408,9 @@ def migrate_fail(run):
         raise Failed("the guest is not running on xen-a after the failed migration: %s" % run.domains("a"))
     left = [d for d in run.domains("b") if d.startswith(name)]
     run.note("left on xen-b by the killed receiver: %s" % left)
+    # the orphaned add registered xen-b too; xen-a's registration is untouched
+    run.expect_regs(image, ["xen-a", "xen-b"] if "hotplug-status connected" in killed["out"] else ["xen-a"],
+                    "with the killed receiver's domain left on xen-b")
     for d in left:
         run.destroy("b", d)
     run.assert_clean("b", "destroying what the killed receiver left")
