@@ -9,9 +9,9 @@
 (frontend-id 0, pygrub, `block-rbd map`) are identified by host, because every
 dom0 has the same all-zero VM uuid.  The same VM on another host is "other"
 too, unless the requesting domain is an incoming live migration: a fixed
-`uuid=` started on two hosts (an HA manager's split brain) is two writers.  Clients outside block-rbd count too: `w`
-is refused while the image has foreign watchers, `r` while a foreign client
-owns the image's exclusive lock.
+`uuid=` started on two hosts (an HA manager's split brain) is two writers.
+Clients outside block-rbd count too: `w` is refused while the image has
+foreign watchers, `r` while a foreign client owns the image's exclusive lock.
 
 No I/O here: the registry gathers the facts, this module decides.
 """

@@ -76,27 +76,6 @@ def prepare(ctx):
         m.files["/etc/hostname"] = (HOSTS[m.name] + "\n").encode()
 
 
-# ---------------------------------------------------------------- librbd checks (host)
-# {image: [registration keys, watchers, md5 of the first LENGTH bytes, those bytes' blocks]}
-INSPECT = r"""
-import hashlib, json, sys, rados, rbd
-conf, keyring, pool, job = sys.argv[1:5]
-c = rados.Rados(conffile=conf, rados_id="admin", conf={"keyring": keyring})
-c.connect(timeout=30)
-io = c.open_ioctx(pool)
-out = {}
-for name, length in json.loads(job):
-    with rbd.Image(io, name, read_only=True) as im:
-        data = im.read(0, length) if length else b""
-        with rados.ReadOpCtx() as op:
-            items, _ret = io.get_omap_vals(op, "", "block-rbd.access.", 1000)
-            io.operate_read_op(op, "rbd_header." + im.id())
-            regs = sorted(k[len("block-rbd.access."):] for k, _v in items)
-        out[name] = [regs, len(list(im.watchers_list())), hashlib.md5(data).hexdigest()]
-print(json.dumps(out))
-"""
-
-
 class Failed(Exception):
     pass
 
@@ -186,10 +165,16 @@ class Run:
             raise Failed("%s: left behind after %s: %s" % (HOSTS[m], after, " ".join(left)))
 
     def inspect(self, images, length=0):
-        p = self.ctx.admin_python(INSPECT, [json.dumps([[i, length] for i in images])], timeout=120)
+        """{image: [its block-rbd registrations (host:holder), watchers, md5 of its first
+        `length` bytes]}, through librbd as the admin (the gate's READ)."""
+        p = self.ctx.admin_python(gate.READ, [json.dumps([[i, 0, length] for i in images])], timeout=120)
         if p.returncode != 0:
             raise Failed("librbd inspection failed: %s" % p.stderr.strip()[-300:])
-        got = json.loads(p.stdout.strip().splitlines()[-1])
+        read = json.loads(p.stdout.strip().splitlines()[-1])
+        got = {}
+        for image in images:
+            md5, _head, watchers, regs = read["%s@0" % image]
+            got[image] = [sorted(k[len("block-rbd.access."):] for k in regs), watchers, md5]
         self.note("librbd: %s" % json.dumps(got))
         return got
 
