@@ -46,6 +46,18 @@ def need(tool, package):
 # BLOCK_RBD_TEST_MAPPER picks the mapper of write_config() (default fuse).
 IN_DOM0 = os.environ.get("BLOCK_RBD_TEST_ENV") == "dom0"
 TEST_MAPPER = os.environ.get("BLOCK_RBD_TEST_MAPPER", "fuse")
+# BLOCK_RBD_TEST_CLUSTER_SUITE=trixie: the test clusters run Debian 13's Ceph (18.2) from a
+# root tools/debianroot.py builds, while the clients stay this system's.
+CLUSTER_SUITE = os.environ.get("BLOCK_RBD_TEST_CLUSTER_SUITE") or None
+
+
+def new_cluster(directory):
+    """A TestCluster of the suite's Ceph (started by the caller)."""
+    if CLUSTER_SUITE:
+        need("debootstrap", "debootstrap")
+    else:
+        need("ceph-mon", "ceph-mon")
+    return TestCluster(directory, suite=CLUSTER_SUITE)
 
 
 class ExternalCluster:
@@ -123,9 +135,8 @@ def ceph_cluster():
     if IN_DOM0:
         yield ExternalCluster()
         return
-    need("ceph-mon", "ceph-mon")
     directory = tempfile.mkdtemp(prefix="brbd-ceph-")
-    cluster = TestCluster(directory)
+    cluster = new_cluster(directory)
     cluster.start()
     yield cluster
     cluster.stop()

@@ -5,8 +5,13 @@ Used by the test suite, the demo and the benchmarks.  Everything the cluster
 owns (config, keyrings, mon/mgr/osd data, logs, admin sockets, pid files)
 lives in one directory, no systemd is involved, and stop() removes it all.
 
+The daemons are this host's Ceph, or with `suite` (--suite trixie) another Debian
+release's, run from a root tools/debianroot.py builds: a Ceph 18.2 cluster that this
+host's Ceph 16.2 clients and a Debian 13 root's clients both talk to.  The ceph and
+rados CLIs the class itself runs are always this host's.
+
 CLI:
-    python3 tools/testcluster.py start DIR [--addr IP]   # prints JSON, daemons stay up
+    python3 tools/testcluster.py start DIR [--addr IP] [--suite S]  # prints JSON, daemons stay up
     python3 tools/testcluster.py status DIR
     python3 tools/testcluster.py restart-mon DIR [--down S]  # daemons stay up
     python3 tools/testcluster.py stop DIR [--keep]
@@ -107,13 +112,14 @@ def _json_docs(text):
     return docs
 
 
-def _mgr_modules_to_skip():
+def _mgr_modules_to_skip(root=None):
+    path = (root or "") + MGR_MODULE_PATH
     try:
-        names = os.listdir(MGR_MODULE_PATH)
+        names = os.listdir(path)
     except OSError:
         return []
     return sorted(n for n in names if n not in MGR_MODULES
-                  and os.path.isdir(os.path.join(MGR_MODULE_PATH, n)))
+                  and os.path.isdir(os.path.join(path, n)))
 
 
 def _tail(path, lines=30):
@@ -133,9 +139,11 @@ class TestCluster:
 
     __test__ = False  # not a pytest test class despite the name
 
-    def __init__(self, directory, addr="127.0.0.1"):
+    def __init__(self, directory, addr="127.0.0.1", suite=None):
         self.dir = os.path.abspath(directory)
         self.addr = addr
+        self.suite = suite
+        self.root = None  # the Debian root the daemons run from (suite), None: this host
         self.conf = os.path.join(self.dir, "ceph.conf")
         self.admin_keyring = os.path.join(self.dir, "ceph.client.admin.keyring")
         self.user = "blockrbd"
@@ -153,6 +161,7 @@ class TestCluster:
             self.addr = state["addr"]
             self.fsid = state["fsid"]
             self.mon_addrs = [tuple(a) for a in state["mon_addrs"]]
+            self.suite, self.root = state.get("suite"), state.get("root")
 
     # ---- paths and state -------------------------------------------------
 
@@ -204,6 +213,18 @@ class TestCluster:
         }
 
     # ---- running ceph binaries --------------------------------------------
+
+    def _daemon_argv(self, argv):
+        """argv of a Ceph daemon or of a tool that writes a daemon's formats."""
+        if not self.root:
+            return argv
+        import debianroot
+        return debianroot.in_root(self.root, argv, binds=[self.dir])
+
+    def version(self):
+        """The daemons' Ceph version, e.g. "18.2.7"."""
+        out = self._run_cmd(self._daemon_argv(["ceph-mon", "--version"]))
+        return out.split()[2]
 
     @staticmethod
     def _env():
@@ -324,7 +345,8 @@ osd_fast_shutdown = false
 # `ceph pg repeer` no help).  With 80 s a stop of up to 40 s cannot run it out.
 osd_pool_default_read_lease_ratio = 4
 """.format(fsid=self.fsid, mon_host=self.mon_host(), d=d, addr=self.addr,
-           pgs=POOL_PGS, memstore=2 << 30, mgr_disabled=" ".join(_mgr_modules_to_skip()))
+           pgs=POOL_PGS, memstore=2 << 30,
+           mgr_disabled=" ".join(_mgr_modules_to_skip(self.root)))
         with open(self.conf, "w") as f:
             f.write(conf)
 
@@ -373,7 +395,10 @@ osd_pool_default_read_lease_ratio = 4
         """
         out = open(os.path.join(self._log, "%s.stdout" % name), "ab")
         try:
-            p = subprocess.Popen(args + ["-f", "-c", self.conf], stdin=subprocess.DEVNULL,
+            # cwd /, as systemd starts them: Debian 13's ceph-osd finds its object classes
+            # (libcls_rbd.so) through a path relative to it (lib/x86_64-linux-gnu/rados-classes)
+            p = subprocess.Popen(self._daemon_argv(args + ["-f", "-c", self.conf]),
+                                 stdin=subprocess.DEVNULL, cwd="/",
                                  stdout=out, stderr=subprocess.STDOUT,
                                  start_new_session=True, close_fds=True, env=self._env())
         finally:
@@ -412,10 +437,13 @@ osd_pool_default_read_lease_ratio = 4
         self.fsid = str(uuid.uuid4())
         v2, v1 = _free_ports(self.addr, 2)
         self.mon_addrs = [("v2", self.addr, v2), ("v1", self.addr, v1)]
+        if self.suite:
+            import debianroot
+            self.root = debianroot.build(self.suite)
         # first file written: from now on start/stop may wipe this directory
         with open(self._state_path(), "w") as f:
-            json.dump({"fsid": self.fsid, "addr": self.addr,
-                       "mon_addrs": self.mon_addrs}, f)
+            json.dump({"fsid": self.fsid, "addr": self.addr, "mon_addrs": self.mon_addrs,
+                       "suite": self.suite, "root": self.root}, f)
         for sub in ("run", "log", "crash"):
             os.makedirs(os.path.join(self.dir, sub))
         if self.stop_at_exit and not self._atexit:
@@ -426,16 +454,16 @@ osd_pool_default_read_lease_ratio = 4
         osd_uuid = str(uuid.uuid4())
         # the osd's mkfs needs no mon (fsid is in the conf): run it beside the mon's
         osd_mkfs = subprocess.Popen(
-            ["ceph-osd", "-c", self.conf, "-i", str(OSD_ID), "--mkfs", "--osd-uuid", osd_uuid,
-             "--no-mon-config"],
+            self._daemon_argv(["ceph-osd", "-c", self.conf, "-i", str(OSD_ID), "--mkfs",
+                               "--osd-uuid", osd_uuid, "--no-mon-config"]),
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             env=self._env())
         try:
             monmap = os.path.join(self.dir, "monmap")
-            self._run_cmd(["monmaptool", "--create", "--fsid", self.fsid,
-                           "--addv", MON_ID, self.mon_host(), monmap])
-            self._run_cmd(["ceph-mon", "-c", self.conf, "--mkfs", "-i", MON_ID,
-                           "--monmap", monmap, "--keyring", mon_keyring])
+            self._run_cmd(self._daemon_argv(["monmaptool", "--create", "--fsid", self.fsid,
+                                             "--addv", MON_ID, self.mon_host(), monmap]))
+            self._run_cmd(self._daemon_argv(["ceph-mon", "-c", self.conf, "--mkfs", "-i", MON_ID,
+                                             "--monmap", monmap, "--keyring", mon_keyring]))
             self._start_mon()
             self._start_mgr()
             out, _ = osd_mkfs.communicate(timeout=CMD_TIMEOUT)
@@ -579,8 +607,15 @@ osd_pool_default_read_lease_ratio = 4
         self._kill(["mon." + MON_ID])
 
     def start_mon(self, timeout=START_TIMEOUT):
+        """Start the mon again; return once the cluster serves I/O (not just mon commands).
+
+        Right after a restart the mon answers `mon stat` before the OSD and the mgr are back
+        with it; a test that goes on at once would see its first ops time out.
+        """
         self._start_mon()
-        self._retry(time.monotonic() + timeout, self.ceph, "mon", "stat")
+        deadline = time.monotonic() + timeout
+        self._retry(deadline, self.ceph, "mon", "stat")
+        self._wait_usable(deadline)
 
     # ---- tear-down ---------------------------------------------------------------
 
@@ -640,6 +675,7 @@ def main(argv=None):
     p = sub.add_parser("start", help="start a cluster in DIR, print its client env as JSON")
     p.add_argument("dir")
     p.add_argument("--addr", default="127.0.0.1", help="IP the daemons bind to")
+    p.add_argument("--suite", help="run Ceph from a root of this Debian suite (e.g. trixie)")
     p = sub.add_parser("stop", help="kill the cluster's daemons and remove DIR")
     p.add_argument("dir")
     p.add_argument("--keep", action="store_true", help="keep DIR (logs) after stopping")
@@ -650,14 +686,15 @@ def main(argv=None):
     p.add_argument("--down", type=float, default=0.0, help="seconds to leave it stopped")
     args = ap.parse_args(argv)
 
-    c = TestCluster(args.dir, **({"addr": args.addr} if args.cmd == "start" else {}))
+    c = TestCluster(args.dir, **({"addr": args.addr, "suite": args.suite}
+                                 if args.cmd == "start" else {}))
     try:
         if args.cmd == "start":
             c.stop_at_exit = False
             c.start()
             info = c.client_env()
             info.update(mon_addrs=c.mon_addrs, start_seconds=round(c.start_seconds, 3),
-                        pids=c.running())
+                        pids=c.running(), version=c.version())
             print(json.dumps(info, indent=1))
         elif args.cmd == "stop":
             c.stop(keep=args.keep)

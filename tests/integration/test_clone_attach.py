@@ -8,9 +8,8 @@ import uuid
 
 import pytest
 
-from conftest import need, remove_image
+from conftest import new_cluster, remove_image
 from images_helpers import MiB, cluster_for, image_bytes, write_pattern
-from testcluster import TestCluster
 
 from block_rbd import images
 from block_rbd.target import ImageSpec, parse
@@ -138,9 +137,8 @@ def test_race_loser_finding_another_image_is_an_error(config_path, rbd_admin, go
 @pytest.fixture(scope="module")
 def mimic_cluster():
     """A cluster of its own: require_min_compat_client is cluster-wide and sticky."""
-    need("ceph-mon", "ceph-mon")
     directory = tempfile.mkdtemp(prefix="brbd-ceph-v2-")
-    cluster = TestCluster(directory)
+    cluster = new_cluster(directory)
     cluster.start()
     cluster.ceph("osd", "set-require-min-compat-client", "mimic")
     yield cluster

@@ -10,6 +10,7 @@ import pytest
 
 TOOLS = os.path.join(os.path.dirname(__file__), "..", "..", "tools")
 sys.path.insert(0, TOOLS)
+from conftest import new_cluster  # noqa: E402
 from testcluster import TestCluster, _pid_alive  # noqa: E402
 
 SCRIPT = os.path.join(TOOLS, "testcluster.py")
@@ -21,7 +22,7 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    with TestCluster(str(tmp_path_factory.mktemp("ceph"))) as c:
+    with new_cluster(str(tmp_path_factory.mktemp("ceph"))) as c:
         yield c
 
 
