@@ -3,6 +3,11 @@
 For dom0 kernels with neither rbd nor nbd.  rbd-fuse is started with -r IMAGE
 so it opens (and watches) only that image, not every image of the pool, under
 a mount directory only root can enter (rbd-fuse shows the file as 0666).
+
+rbd-fuse 18.2 built with libfuse 3.17 (Debian 13) crashes at start whenever it is given
+a pool or a namespace: libfuse now frees an option's previous value, and rbd-fuse's
+defaults ("rbd", "") are string literals.  So the default pool goes unnamed (every
+version's default), and a crash with -p or -s says which mappers to use instead.
 """
 
 import fcntl
@@ -10,6 +15,7 @@ import glob
 import logging
 import os
 import shutil
+import signal
 import urllib.parse
 
 from .. import process
@@ -20,6 +26,8 @@ from .base import Mapper, Mapping, block_read_only, device_size, retry_busy
 log = logging.getLogger("block-rbd")
 
 LOOP_SET_CAPACITY = 0x4C07  # linux/loop.h
+DEFAULT_POOL = "rbd"  # rbd-fuse's own default
+CRASHES = (-signal.SIGSEGV, -signal.SIGABRT)
 
 
 def parse_mountinfo(text, mount_dir):
@@ -108,8 +116,9 @@ class FuseMapper(Mapper):
 
     def mount_argv(self, spec, point):
         cfg = self.config
-        argv = ["rbd-fuse", "-c", cfg["ceph.conf"], "--id", cfg["ceph.id"], "--keyring", cfg.keyring,
-                "-p", spec.pool]
+        argv = ["rbd-fuse", "-c", cfg["ceph.conf"], "--id", cfg["ceph.id"], "--keyring", cfg.keyring]
+        if spec.pool != DEFAULT_POOL:
+            argv += ["-p", spec.pool]
         if spec.namespace:
             argv += ["-s", spec.namespace]
         return argv + ["-r", spec.image, point]
@@ -130,6 +139,11 @@ class FuseMapper(Mapper):
                 process.run(self.mount_argv(spec, point))
             except CommandError as exc:
                 _rmdir(point)
+                if exc.returncode in CRASHES and (spec.pool != DEFAULT_POOL or spec.namespace):
+                    raise MapperError(
+                        "rbd-fuse crashed on being given the pool or namespace of %s (rbd-fuse "
+                        "with libfuse 3.17, as on Debian 13, serves only pool %s without a "
+                        "namespace): use mapper=nbd or mapper=krbd for it" % (spec, DEFAULT_POOL)) from None
                 raise MapperError("rbd-fuse mount of %s failed: %s" % (spec, exc)) from None
             mounted_here = True
         try:

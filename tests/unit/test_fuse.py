@@ -2,12 +2,13 @@
 map/unmap through rbd-fuse + losetup against the test cluster at the end."""
 
 import os
+import re
 
 import pytest
 
 from block_rbd import process
 from block_rbd.config import from_dict
-from block_rbd.errors import MapperError
+from block_rbd.errors import CommandError, MapperError
 from block_rbd.mappers import fuse as fuse_mod
 from block_rbd.mappers.fuse import FuseMapper, loop_devices, parse_mountinfo
 from block_rbd.target import ImageSpec
@@ -95,10 +96,13 @@ def test_mountpoint_is_one_per_image_for_all_modes(mapper):
 def test_mount_argv_has_no_secret(mapper):
     assert mapper.mount_argv(ImageSpec("rbd", "vm1"), "/m") == [
         "rbd-fuse", "-c", "/etc/ceph/c.conf", "--id", "dom0a", "--keyring", "/k/dom0a.keyring",
-        "-p", "rbd", "-r", "vm1", "/m"]
+        "-r", "vm1", "/m"]
     assert mapper.mount_argv(ImageSpec("rbd", "vm1", "tenant"), "/m") == [
         "rbd-fuse", "-c", "/etc/ceph/c.conf", "--id", "dom0a", "--keyring", "/k/dom0a.keyring",
-        "-p", "rbd", "-s", "tenant", "-r", "vm1", "/m"]
+        "-s", "tenant", "-r", "vm1", "/m"]
+    assert mapper.mount_argv(ImageSpec("vms", "vm1"), "/m") == [
+        "rbd-fuse", "-c", "/etc/ceph/c.conf", "--id", "dom0a", "--keyring", "/k/dom0a.keyring",
+        "-p", "vms", "-r", "vm1", "/m"]
 
 
 def test_snapshots_and_map_options_are_refused(mapper, mocker):
@@ -108,6 +112,25 @@ def test_snapshots_and_map_options_are_refused(mapper, mocker):
     with pytest.raises(MapperError, match="takes no map options \\(notrim\\+exclusive\\)"):
         mapper.map(ImageSpec("rbd", "vm9"), True, ("notrim", "exclusive"))
     run.assert_not_called()
+
+
+@pytest.mark.parametrize("spec, line", [
+    (ImageSpec("vms", "vm1"), "rbd-fuse crashed on being given the pool or namespace of vms/vm1 "
+     "(rbd-fuse with libfuse 3.17, as on Debian 13, serves only pool rbd without a namespace): "
+     "use mapper=nbd or mapper=krbd for it"),
+    (ImageSpec("rbd", "vm1", "tenant"), "rbd-fuse crashed on being given the pool or namespace of "
+     "rbd/tenant/vm1 "),
+    (ImageSpec("rbd", "vm1"), "rbd-fuse mount of rbd/vm1 failed: rbd-fuse: free(): invalid pointer"),
+])
+def test_a_crash_on_the_pool_option_names_the_mappers_that_work(tmp_path, sys_root, mocker, spec, line):
+    (tmp_path / "mountinfo").write_text("")
+    config = from_dict({"fuse": {"mount_dir": str(tmp_path / "fuse")}})
+    mapper = FuseMapper(config, sys_root=sys_root, mountinfo=str(tmp_path / "mountinfo"))
+    mocker.patch.object(process, "run", side_effect=CommandError(
+        "rbd-fuse: free(): invalid pointer", returncode=-6))
+    with pytest.raises(MapperError, match="^" + re.escape(line)):
+        mapper.map(spec, False)
+    assert os.listdir(tmp_path / "fuse") == []  # the mount point went with the failure
 
 
 @pytest.mark.parametrize("missing, reason", [
