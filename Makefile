@@ -14,26 +14,53 @@ PYLIBDIR    ?= $(shell $(PYTHON) -c 'import sys; print("/usr/local/lib/python%d.
 RUNTIME_DEBS = python3 python3-rados python3-rbd python3-click python3-yaml ceph-common fuse rbd-fuse rbd-nbd
 TEST_DEBS    = $(RUNTIME_DEBS) python3-venv ceph-mon ceph-mgr ceph-osd xenstore-utils qemu-utils util-linux kmod
 XEN_DEBS     = qemu-system-x86 iproute2 cpio busybox-static e2fsprogs python3-pytest python3-pytest-mock
+# The other stacks come from cached Debian roots (tools/debianroot.py).
+STACK_DEBS   = debootstrap debian-archive-keyring
+
+# `make deb`: Debian's own packaging tools, and lintian to check the result.
+DEB_DEBS     = debhelper dh-python python3-all python3-setuptools python3-click python3-yaml dpkg-dev lintian
+VERSION      := $(shell sed -n 's/^__version__ = "\(.*\)"$$/\1/p' block_rbd/__init__.py)
+DEB          = dist/block-rbd_$(VERSION)_all.deb
 
 # The package and every sub-package (a directory with an __init__.py).
 PACKAGES     = $(patsubst %/,%,$(dir $(wildcard block_rbd/__init__.py block_rbd/*/__init__.py)))
 
-.PHONY: help deps venv install uninstall demo test test-unit test-xen bench clean
+.PHONY: help deps deb-deps deb venv install uninstall demo test test-ceph18 test-debian13 test-unit test-xen bench clean
 
 help:
 	@echo "make demo      run the main job end to end on a throwaway local Ceph cluster"
 	@echo "make test      install what the tests need, then run the whole suite"
 	@echo "make test-xen  only the Xen-in-QEMU release gate"
+	@echo "make test-ceph18 / test-debian13  the host-side suite against Ceph 18.2 / inside Debian 13"
+	@echo "make deb       build dist/block-rbd_VERSION_all.deb (Debian 12 and 13) and lint it"
 	@echo "make install   install the package and /etc/xen/scripts/block-rbd (dom0)"
 	@echo "make bench     run the benchmarks under benchmarks/"
 
 # Installs only what is missing, so a second run costs no apt round trip.
 deps:
-	@missing=$$(for p in $(TEST_DEBS) $(XEN_DEBS); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
+	@missing=$$(for p in $(TEST_DEBS) $(XEN_DEBS) $(STACK_DEBS) $(DEB_DEBS); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 		echo "installing:" $$missing; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
+
+deb-deps:
+	@missing=$$(for p in $(DEB_DEBS); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing:" $$missing; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+# Built from a copy of the tracked (and new, unignored) files, so the tree stays clean;
+# lintian fails the build on any error.
+deb: deb-deps
+	rm -rf build/deb && mkdir -p build/deb/block-rbd-$(VERSION) dist
+	git ls-files -z -co --exclude-standard | tar --null -T - -cf - | tar -xf - -C build/deb/block-rbd-$(VERSION)
+	cd build/deb/block-rbd-$(VERSION) && dpkg-buildpackage -us -uc -b --no-sign >../build.log 2>&1 \
+		|| { tail -30 ../build.log; exit 1; }
+	lintian --fail-on error,warning --info build/deb/block-rbd_$(VERSION)_all.deb
+	cp build/deb/block-rbd_$(VERSION)_all.deb $(DEB)
+	@echo "built $(DEB)"
 
 # --system-site-packages: Ceph's rados/rbd bindings exist only as Debian packages.
 $(VENV)/.ready: setup.cfg setup.py
@@ -66,8 +93,27 @@ uninstall:
 demo: deps
 	$(PYTHON) tools/demo.py
 
+# The whole suite (Debian 12: Python 3.11, Ceph 16.2 clients and cluster, and the Xen gate),
+# then the host-side suite on the other stacks; every part runs, the first failure decides.
 test: deps venv
-	$(VENV)/bin/python -m pytest tests
+	@rc=0; \
+	$(VENV)/bin/python -m pytest tests || rc=1; \
+	$(MAKE) --no-print-directory test-ceph18 || rc=1; \
+	$(MAKE) --no-print-directory test-debian13 || rc=1; \
+	exit $$rc
+
+# This system's clients against a Ceph 18.2 cluster (Debian 13's daemons, from a cached root):
+# a cluster upgraded before its dom0s.
+test-ceph18: deps venv
+	BLOCK_RBD_TEST_CLUSTER_SUITE=trixie $(VENV)/bin/python -m pytest -p no:cacheprovider tests/unit tests/integration
+
+# The host-side suite inside a Debian 13 root: Python 3.13, Ceph 18.2 bindings, tools and
+# cluster, rbd-fuse with libfuse 3.17.  The root stays as built (changes go to an overlay).
+test-debian13: deps
+	@ov=$$(mktemp -d /tmp/brbd-debian13.XXXXXX); \
+	$(PYTHON) tools/debianroot.py run --suite trixie --bind $(CURDIR) --overlay $$ov --cwd $(CURDIR) -- \
+		python3 -m pytest -p no:cacheprovider tests/unit tests/integration; \
+	rc=$$?; rm -rf $$ov; exit $$rc
 
 test-unit: venv
 	$(VENV)/bin/python -m pytest tests/unit
