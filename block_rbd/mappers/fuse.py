@@ -45,16 +45,26 @@ def parse_mountinfo(text, mount_dir):
     return points
 
 
+DELETED = " (deleted)"
+
+
 def loop_devices(sys_root="/sys"):
-    """{backing file: [(loop name, read_only)]} for every attached loop device."""
+    """{backing file: [(loop name, read_only)]} for every attached loop device.
+
+    A file whose directory entry the kernel dropped while the loop held it open (rbd-fuse
+    18.2 answered a lookup "no such file" for a moment, seen after an online resize) is
+    shown "PATH (deleted)": it is still the same open file, so it counts under PATH, and
+    remove still finds and detaches the loop device before unmounting.
+    """
     backing = {}
     for path in glob.glob(os.path.join(sys_root, "block", "loop*", "loop", "backing_file")):
         name = path.split(os.sep)[-3]
         try:
             with open(path) as handle:
-                target = handle.read().strip()
+                target = handle.read().rstrip("\n")
         except OSError:
             continue  # detached between glob and open
+        target = target[:-len(DELETED)] if target.endswith(DELETED) else target.strip()
         backing.setdefault(target, []).append((name, block_read_only(name, sys_root)))
     return backing
 

@@ -51,6 +51,8 @@ def sys_root(tmp_path):
     for name, backing, ro in (("loop0", "/run/block-rbd/fuse/rbd%2Fvm1/vm1", "0"),
                               ("loop1", "/run/block-rbd/fuse/rbd%2Fvm1/vm1", "1"),
                               ("loop7", "/var/lib/images/disk with space.img", "0"),
+                              # its directory entry dropped while the loop holds the file open
+                              ("loop3", "/run/block-rbd/fuse/rbd%2Fvm2/vm2 (deleted)", "0"),
                               ("loop2", None, "0")):
         os.makedirs(tmp_path / "block" / name / "loop") if backing else os.makedirs(tmp_path / "block" / name)
         (tmp_path / "block" / name / "ro").write_text(ro + "\n")
@@ -61,8 +63,10 @@ def sys_root(tmp_path):
 
 def test_loop_devices(sys_root):
     found = loop_devices(sys_root)
-    assert sorted(found) == ["/run/block-rbd/fuse/rbd%2Fvm1/vm1", "/var/lib/images/disk with space.img"]
+    assert sorted(found) == ["/run/block-rbd/fuse/rbd%2Fvm1/vm1", "/run/block-rbd/fuse/rbd%2Fvm2/vm2",
+                             "/var/lib/images/disk with space.img"]
     assert sorted(found["/run/block-rbd/fuse/rbd%2Fvm1/vm1"]) == [("loop0", False), ("loop1", True)]
+    assert found["/run/block-rbd/fuse/rbd%2Fvm2/vm2"] == [("loop3", False)]
     assert found["/var/lib/images/disk with space.img"] == [("loop7", False)]
 
 
