@@ -222,17 +222,28 @@ def disconnect_netlink(device):
         nl.disconnect(int(os.path.basename(device)[3:]))
 
 
+# krbd's ms_mode values as librbd's messenger modes, in order of preference.
+MS_MODES = {"crc": "crc", "secure": "secure", "prefer-crc": "crc secure", "prefer-secure": "secure crc"}
+
+
 def option_args(options):
     """krbd-style "key=value" options as rbd-nbd flags, the way `rbd device map -t nbd` does.
 
     librbd's own options (rbd_*, e.g. the QoS limits) are Ceph config overrides,
     `--rbd_qos_iops_limit=500`: one word, so discovery (spec_of_cmdline) skips it.
+    krbd's ms_mode (ms_mode=secure: wire encryption) becomes librbd's messenger modes for
+    the monitors and the OSDs alike, so one disk line means the same for both mappers.
     """
     args = []
     for option in options:
         key, sep, value = option.partition("=")
         if key.startswith("rbd_") and sep:
             args.append("--%s=%s" % (key, value))
+            continue
+        if key == "ms_mode":
+            if value not in MS_MODES:
+                raise MapperError("ms_mode=%s is not a mode rbd-nbd has (%s)" % (value, ", ".join(MS_MODES)))
+            args += ["--ms_mon_client_mode=" + MS_MODES[value], "--ms_client_mode=" + MS_MODES[value]]
             continue
         args += ["--" + key.replace("_", "-")] + ([value] if sep else [])
     return args

@@ -553,9 +553,18 @@ def test_disconnect_is_the_nbd_ioctl(tmp_path, mocker):
     (("device=/dev/nbd5",), ["--device", "/dev/nbd5"]),
     # librbd's options (qos=) are Ceph config overrides, one word each
     (("rbd_qos_iops_limit=500", "notrim"), ["--rbd_qos_iops_limit=500", "--notrim"]),
+    # krbd's ms_mode: librbd's messenger modes for the monitors and the OSDs
+    (("ms_mode=secure",), ["--ms_mon_client_mode=secure", "--ms_client_mode=secure"]),
+    (("ms_mode=prefer-crc",), ["--ms_mon_client_mode=crc secure", "--ms_client_mode=crc secure"]),
 ])
 def test_option_args(options, args):
     assert option_args(options) == args
+
+
+def test_an_ms_mode_rbd_nbd_lacks_is_refused_in_one_line():
+    with pytest.raises(MapperError, match="^ms_mode=legacy is not a mode rbd-nbd has "
+                       "\\(crc, secure, prefer-crc, prefer-secure\\)$"):
+        option_args(("ms_mode=legacy",))
 
 
 def test_unavailable_without_rbd_nbd(mapper, mocker):
