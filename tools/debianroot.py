@@ -41,6 +41,15 @@ PACKAGES = {
     # plain roots: what a fresh install has, for installing the .deb as a user would
     "bookworm-plain": [],
     "trixie-plain": [],
+    # what a Debian 13 Xen dom0 of the gate is made from (tests/xen/build_dom0.py)
+    "trixie-dom0": ["xen-hypervisor-4.20-amd64", "xen-utils-4.20", "xen-utils-common",
+                    "xenstore-utils", "linux-image-amd64", "busybox-static", "python3",
+                    "python3-rados", "python3-rbd", "python3-click", "python3-yaml",
+                    "python3-pytest", "python3-pytest-mock", "ceph-common", "rbd-nbd",
+                    "rbd-fuse", "fuse3", "mount", "util-linux", "bash", "libext2fs2",
+                    "grub-xen-host", "e2fsprogs",
+                    # ceph-common's snappy compressor plugin needs it (only Recommended)
+                    "libsnappy1v5"],
     "trixie": ["python3", "python3-rados", "python3-rbd", "python3-click", "python3-yaml",
                "python3-pytest", "python3-pytest-mock", "ceph-mon", "ceph-mgr", "ceph-osd",
                "ceph-common", "rbd-fuse", "rbd-nbd", "fuse3", "xenstore-utils",
@@ -129,6 +138,10 @@ def build(suite=DEFAULT_SUITE, force=False):
         f.write("%s %s\n" % (suite, " ".join(root_packages(suite))))
     shutil.rmtree(path, ignore_errors=True)
     os.replace(tmp, path)
+    # a root of the same suite built from another package list is not used any more
+    for old in os.listdir(cache_dir()):
+        if re.fullmatch(re.escape(suite) + r"-[0-9a-f]{12}", old) and old != os.path.basename(path):
+            shutil.rmtree(os.path.join(cache_dir(), old), ignore_errors=True)
     log("built %s in %.0f s" % (path, time.monotonic() - t0))
     return path
 

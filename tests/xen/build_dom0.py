@@ -9,7 +9,7 @@ installs them anyway) and recorded by version.
 
 Outputs are cached by a hash of their inputs:
   out/base-<hash>/      xen.elf, vmlinuz, base.cpio.gz   (package versions + dom0/ files)
-  out/checkout-<hash>.cpio.gz                             (this checkout's block_rbd + script)
+  out/checkout-<hash>.cpio.gz    block-rbd's .deb (`make deb`) unpacked, the checkout in /opt
   out/dom0-<hash>.cpio.gz  the two concatenated (the kernel unpacks both members)
 
 CLI:  python3 tests/xen/build_dom0.py [--checkout DIR] [--force] [--json]
@@ -26,6 +26,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tarfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -54,6 +55,7 @@ DEB_PACKAGES = [
     "libxentoolcore1",
     "libxenhypfs1",
     "libyajl2",
+    "grub-xen-host",  # PV-Grub: grub-x86_64-xen.bin
 ]
 
 # Host packages whose files go into dom0 (versions feed the cache key).
@@ -111,6 +113,8 @@ EXTRA_HOST_DIRS = ["/usr/lib/x86_64-linux-gnu/ceph/crypto",
                    "/usr/lib/x86_64-linux-gnu/ceph/compressor"]
 
 CMD_TIMEOUT = 600
+# GRUB for Xen (grub-xen-host): a PV guest's kernel that reads /boot/grub/grub.cfg from its disk
+PVGRUB = "/usr/lib/grub-xen/grub-x86_64-xen.bin"
 
 
 def log(msg):
@@ -211,11 +215,18 @@ def deb_version(path):
 
 
 # ---------------------------------------------------------------- ELF / kernel modules
+def module_bytes(path):
+    """A module's ELF image: Debian 13 keeps them xz-compressed (.ko.xz)."""
+    import lzma
+    with open(path, "rb") as fh:
+        data = fh.read()
+    return lzma.decompress(data) if path.endswith(".xz") else data
+
+
 def modinfo_depends(path):
     """`depends=` from the .modinfo section of a .ko (parsed, so no modinfo is needed)."""
     import struct
-    with open(path, "rb") as fh:
-        data = fh.read()
+    data = module_bytes(path)
     if data[:4] != b"\x7fELF" or data[4] != 2:
         raise RuntimeError(f"not ELF64: {path}")
     shoff, = struct.unpack_from("<Q", data, 0x28)
@@ -242,14 +253,16 @@ def modinfo_depends(path):
 def module_closure(modroot, wanted=KMOD_ROOTS):
     """{module: .ko path} of `wanted` and everything they depend on (built-ins left out)."""
     index = {}
-    for path in glob.glob(os.path.join(modroot, "kernel", "**", "*.ko"), recursive=True):
-        index[os.path.basename(path)[:-3].replace("-", "_")] = path
+    for path in glob.glob(os.path.join(modroot, "kernel", "**", "*.ko*"), recursive=True):
+        name = os.path.basename(path)
+        if name.endswith((".ko", ".ko.xz")):
+            index[name.split(".ko")[0].replace("-", "_")] = path
     todo = [m.replace("-", "_") for m in wanted]
     chosen = {}
     builtin = set()
     with open(os.path.join(modroot, "modules.builtin")) as fh:
         for line in fh:
-            builtin.add(os.path.basename(line.strip())[:-3].replace("-", "_"))
+            builtin.add(os.path.basename(line.strip()).split(".ko")[0].replace("-", "_"))
     while todo:
         m = todo.pop()
         if m in chosen:
@@ -263,10 +276,29 @@ def module_closure(modroot, wanted=KMOD_ROOTS):
     return chosen
 
 
+def put_modules(R, modroot, kver, wanted=KMOD_ROOTS):
+    """`wanted` and their dependencies into R's /usr/lib/modules/KVER, decompressed (busybox
+    modprobe loads plain .ko files only), indexed by busybox depmod; returns the modules."""
+    mods = module_closure(modroot, wanted)
+    for name, path in sorted(mods.items()):
+        rel = os.path.relpath(path, modroot)
+        dest = os.path.join(R, "usr/lib/modules", kver, rel[:-3] if rel.endswith(".xz") else rel)
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        with open(dest, "wb") as fh:
+            fh.write(module_bytes(path))
+    for f in ("modules.order", "modules.builtin", "modules.builtin.modinfo"):
+        if os.path.exists(os.path.join(modroot, f)):
+            shutil.copyfile(os.path.join(modroot, f), os.path.join(R, "usr/lib/modules", kver, f))
+    run([os.path.join(R, "usr/bin/busybox"), "depmod", "-b", R, kver])
+    return mods
+
+
 # ---------------------------------------------------------------- library closure
-def ldd(path, libpath):
+def ldd(path, libpath, sysroot=None):
+    """Libraries `path` loads; with sysroot, as that root's loader sees them (paths in it)."""
     env = {"PATH": "/usr/bin:/bin", "LD_LIBRARY_PATH": ":".join(libpath)}
-    p = subprocess.run(["ldd", path], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    argv = ["/usr/sbin/chroot", sysroot, "ldd", path] if sysroot else ["ldd", path]
+    p = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                        text=True, timeout=60, env=env)
     if p.returncode != 0:
         if "not a dynamic executable" in p.stdout + p.stderr:
@@ -355,16 +387,8 @@ def base_inputs(versions, hostvers):
     return sha(parts)
 
 
-def build_base(cache, kernel, versions, roots, outdir):
-    t0 = time.time()
-    stage_dir = outdir + ".stage"
-    shutil.rmtree(stage_dir, ignore_errors=True)
-    os.makedirs(stage_dir)
-    ext_roots = [roots[n] for n in versions]
-    st = Stage(stage_dir, ext_roots)
-    R = stage_dir
-
-    # skeleton: merged /usr like Debian 12
+def skeleton(R):
+    """The directories and links every dom0 starts from: merged /usr, like Debian."""
     for d in ("usr/bin", "usr/sbin", "usr/lib64", "usr/lib/x86_64-linux-gnu", "proc", "sys",
               "dev", "run", "tmp", "root", "mnt", "etc/xen/scripts", "var/log/xen/console",
               "var/lib/xen", "var/lib/xenstored", "var/tmp", "brbd/out", "brbd/run",
@@ -375,6 +399,39 @@ def build_base(cache, kernel, versions, roots, outdir):
         os.symlink(target, os.path.join(R, link))
     os.symlink("../run", os.path.join(R, "var/run"))
     os.chmod(os.path.join(R, "tmp"), 0o1777)
+
+
+def config_files(st, kver, versions, mods):
+    """/etc files (/init itself comes in the small dom0-files layer)."""
+    st.write("/etc/passwd", "root:x:0:0:root:/root:/bin/sh\n")
+    st.write("/etc/group", "root:x:0:\ndisk:x:6:\n")
+    st.write("/etc/hosts", "127.0.0.1 localhost\n10.250.250.2 dom0\n")
+    st.write("/etc/nsswitch.conf", "passwd: files\ngroup: files\nhosts: files\n")
+    st.write("/etc/brbd-kernel-version", kver + "\n")
+    st.write("/etc/brbd-manifest.json", json.dumps(
+        {"packages": versions, "modules": sorted(mods)}, indent=1, sort_keys=True))
+
+
+def pack_base(R, outdir):
+    buf = io.BytesIO()
+    w = CpioWriter(buf)
+    write_tree(w, R)
+    w.close()
+    raw = buf.getvalue()
+    with open(os.path.join(outdir + ".tmp", "base.cpio.gz"), "wb") as fh:
+        fh.write(gzip.compress(raw, compresslevel=1, mtime=0))
+    return len(raw)
+
+
+def build_base(cache, kernel, versions, roots, outdir):
+    t0 = time.time()
+    stage_dir = outdir + ".stage"
+    shutil.rmtree(stage_dir, ignore_errors=True)
+    os.makedirs(stage_dir)
+    ext_roots = [roots[n] for n in versions]
+    st = Stage(stage_dir, ext_roots)
+    R = stage_dir
+    skeleton(R)
 
     # busybox and its applets
     bb_root = roots["busybox-static"]
@@ -394,13 +451,7 @@ def build_base(cache, kernel, versions, roots, outdir):
                     os.path.join(outdir + ".tmp", "vmlinuz"))
 
     # kernel modules by dependency closure
-    modroot = os.path.join(kroot, "lib/modules", kver)
-    mods = module_closure(modroot)
-    for name, path in sorted(mods.items()):
-        st.put_file(path, "/usr/lib/modules/%s/%s" % (kver, os.path.relpath(path, modroot)), 0o644)
-    for f in ("modules.order", "modules.builtin", "modules.builtin.modinfo"):
-        st.put_file(os.path.join(modroot, f), f"/usr/lib/modules/{kver}/{f}", 0o644)
-    run([bb, "depmod", "-b", R, kver])
+    mods = put_modules(R, os.path.join(kroot, "lib/modules", kver), kver)
 
     # Xen tools
     xu = roots["xen-utils-4.17"]
@@ -443,6 +494,7 @@ def build_base(cache, kernel, versions, roots, outdir):
             copy_tree(src, R + "/" + rel, set())
         else:
             st.with_libs(src, "/" + rel)
+    st.put_file(os.path.join(roots["grub-xen-host"], PVGRUB.lstrip("/")), PVGRUB, 0o644)
     for so in sorted(glob.glob(R + "/usr/lib/python3*/**/*.so", recursive=True)):
         st.libs_of(so[len(R):])
 
@@ -452,25 +504,129 @@ def build_base(cache, kernel, versions, roots, outdir):
         if not os.path.lexists(R + dest):
             st.symlink(dest, "/usr/bin/busybox")
 
-    # config files (/init itself comes in the small dom0-files layer)
-    st.write("/etc/passwd", "root:x:0:0:root:/root:/bin/sh\n")
-    st.write("/etc/group", "root:x:0:\ndisk:x:6:\n")
-    st.write("/etc/hosts", "127.0.0.1 localhost\n10.250.250.2 dom0\n")
-    st.write("/etc/nsswitch.conf", "passwd: files\ngroup: files\nhosts: files\n")
-    st.write("/etc/brbd-kernel-version", kver + "\n")
-    st.write("/etc/brbd-manifest.json", json.dumps(
-        {"packages": versions, "modules": sorted(mods)}, indent=1, sort_keys=True))
-
-    # pack
-    buf = io.BytesIO()
-    w = CpioWriter(buf)
-    write_tree(w, R)
-    w.close()
-    raw = buf.getvalue()
-    with open(os.path.join(outdir + ".tmp", "base.cpio.gz"), "wb") as fh:
-        fh.write(gzip.compress(raw, compresslevel=1, mtime=0))
+    config_files(st, kver, versions, mods)
+    raw = pack_base(R, outdir)
     shutil.rmtree(stage_dir)
-    log(f"base initramfs: {len(raw) / 1e6:.1f} MB raw, {len(mods)} modules, "
+    log(f"base initramfs: {raw / 1e6:.1f} MB raw, {len(mods)} modules, "
+        f"{time.time() - t0:.1f}s")
+
+
+# ---------------------------------------------------------------- Debian 13 (from a root)
+# The Debian 13 dom0 is taken whole from a root tools/debianroot.py builds with Debian 13's
+# packages (Xen 4.20, Linux 6.12, Python 3.13, Ceph 18.2): paths below are inside it.
+ROOT13_SUITE = "trixie-dom0"
+XEN13 = "4.20"
+PY13 = "python3.13"
+BINS13 = ["/usr/bin/bash", "/usr/bin/rbd", "/usr/bin/rbd-nbd", f"/usr/bin/{PY13}", "/usr/bin/setsid",
+          "/usr/sbin/losetup", "/usr/bin/flock", "/usr/sbin/blockdev", "/usr/bin/stat",
+          "/usr/bin/readlink", "/usr/bin/rbd-fuse", "/usr/bin/fusermount3"]
+PY13_DIST_ITEMS = ["rados.cpython-313-x86_64-linux-gnu.so", "rbd.cpython-313-x86_64-linux-gnu.so",
+                   "click", "yaml", "_yaml", "pytest", "_pytest", "pluggy", "iniconfig", "packaging",
+                   "py.py", "pytest_mock", "*pytest*-info", "pluggy*-info", "iniconfig*-info",
+                   "packaging*-info"]
+XEN13_PRIV = f"/usr/lib/xen-{XEN13}"
+PYGRUB13 = [f"{XEN13_PRIV}/bin/pygrub", f"{XEN13_PRIV}/lib/python/grub",
+            f"{XEN13_PRIV}/lib/python/xenfsimage.cpython-313-x86_64-linux-gnu.so",
+            f"{XEN13_PRIV}/lib/x86_64-linux-gnu/libxenfsimage.so.{XEN13}",
+            f"{XEN13_PRIV}/lib/x86_64-linux-gnu/xenfsimage/ext2fs-lib/fsimage.so"]
+
+
+def root_versions(sysroot):
+    out = run(["chroot", sysroot, "dpkg-query", "-W", "-f", "${Package} ${Version}\n"]).stdout
+    return dict(line.split(" ", 1) for line in out.splitlines() if " " in line)
+
+
+class RootStage(Stage):
+    """A Stage whose sources are paths inside `sysroot`, resolved by that root's loader."""
+
+    def __init__(self, root, sysroot):
+        super().__init__(root, [])
+        self.sysroot = sysroot
+
+    def put_file(self, src, dest=None, mode=None):
+        full = self.sysroot + src
+        return super().put_file(full, dest or usr_path(src),
+                                mode if mode is not None else os.stat(full).st_mode & 0o7777)
+
+    def libs_of(self, src):
+        for lib in ldd(src, [], sysroot=self.sysroot):
+            if lib in self.done_libs:
+                continue
+            self.done_libs.add(lib)
+            self.put_file(lib)
+            self.libs_of(lib)
+
+
+def build_base_root(sysroot, versions, outdir):
+    """The Debian 13 base: like build_base, every file from `sysroot`."""
+    t0 = time.time()
+    stage_dir = outdir + ".stage"
+    shutil.rmtree(stage_dir, ignore_errors=True)
+    os.makedirs(stage_dir)
+    st = RootStage(stage_dir, sysroot)
+    R = stage_dir
+    skeleton(R)
+    st.put_file("/usr/bin/busybox", "/usr/bin/busybox", 0o755)
+    applets = run(["chroot", sysroot, "/usr/bin/busybox", "--list-full"]).stdout.split()
+
+    with gzip.open(sysroot + f"/boot/xen-{XEN13}-amd64.gz") as fh:
+        xen_elf = fh.read()
+    with open(os.path.join(outdir + ".tmp", "xen.elf"), "wb") as fh:
+        fh.write(xen_elf)
+    kernels = sorted(glob.glob(sysroot + "/boot/vmlinuz-*"))
+    if len(kernels) != 1:
+        raise RuntimeError(f"expected one kernel in {sysroot}/boot, found {kernels}")
+    kver = os.path.basename(kernels[0])[len("vmlinuz-"):]
+    shutil.copyfile(kernels[0], os.path.join(outdir + ".tmp", "vmlinuz"))
+
+    mods = put_modules(R, sysroot + f"/usr/lib/modules/{kver}", kver)
+
+    for b in XEN_BINS:
+        d = st.with_libs(f"{XEN13_PRIV}/bin/{b}")
+        st.symlink(f"/usr/sbin/{b}", d)
+    for b in XENSTORE_TOOLS:
+        st.with_libs(f"/usr/bin/{b}")
+    for f in sorted(glob.glob(sysroot + "/etc/xen/scripts/*")):
+        st.put_file(f[len(sysroot):])
+    st.put_file("/etc/xen/xl.conf")
+
+    for b in BINS13:
+        st.with_libs(b)
+    st.symlink("/usr/bin/python3", PY13)
+    st.symlink("/usr/bin/fusermount", "fusermount3")  # as Debian 13's fuse3 links it
+    st.symlink("/usr/bin/sh", "busybox")
+    st.put_file("/usr/lib/x86_64-linux-gnu/libgcc_s.so.1")
+    for d in ("/usr/lib/x86_64-linux-gnu/ceph/crypto", "/usr/lib/x86_64-linux-gnu/ceph/compressor"):
+        for f in sorted(glob.glob(sysroot + d + "/*.so*")):
+            st.with_libs(f[len(sysroot):])
+    stdlib = f"/usr/lib/{PY13}"
+    copy_tree(sysroot + stdlib, R + stdlib,
+              {x.replace("3.11", "3.13") for x in PY_STDLIB_EXCLUDE})
+    for pattern in PY13_DIST_ITEMS:
+        matches = sorted(glob.glob(sysroot + PY_DIST + "/" + pattern))
+        if not matches:
+            raise RuntimeError(f"{sysroot}{PY_DIST}/{pattern} missing")
+        for src in matches:
+            if os.path.isdir(src):
+                copy_tree(src, R + src[len(sysroot):], set())
+            else:
+                st.put_file(src[len(sysroot):])
+    for rel in PYGRUB13:
+        if os.path.isdir(sysroot + rel):
+            copy_tree(sysroot + rel, R + rel, set())
+        else:
+            st.with_libs(rel, rel)
+    st.put_file(PVGRUB, PVGRUB, 0o644)
+    for so in sorted(glob.glob(R + "/usr/lib/python3*/**/*.so", recursive=True)):
+        st.libs_of(so[len(R):])
+    for a in applets:
+        dest = usr_path("/" + a)
+        if not os.path.lexists(R + dest):
+            st.symlink(dest, "/usr/bin/busybox")
+    config_files(st, kver, versions, mods)
+    raw = pack_base(R, outdir)
+    shutil.rmtree(stage_dir)
+    log(f"base initramfs (Debian 13): {raw / 1e6:.1f} MB raw, {len(mods)} modules, "
         f"{time.time() - t0:.1f}s")
 
 
@@ -505,7 +661,46 @@ def checkout_files(checkout):
     return sorted(files)
 
 
-def build_checkout_cpio(checkout, path):
+MERGED_USR = ("bin", "sbin", "lib", "lib64")
+
+
+def build_package(checkout):
+    """`make deb` in the checkout: the package dom0 gets, as an operator installs it."""
+    run(["make", "-s", "-C", checkout, "deb"])
+    debs = glob.glob(os.path.join(checkout, "dist", "block-rbd_*_all.deb"))
+    if len(debs) != 1:
+        raise RuntimeError(f"make deb left {debs or 'no package'} in {checkout}/dist")
+    return debs[0]
+
+
+def unpack_package(w, deb):
+    """The package's files into the cpio as dpkg would unpack them (busybox dom0s have no
+    dpkg; its maintainer scripts only enable systemd units, which these dom0s do not run)."""
+    tarball = subprocess.run(["dpkg-deb", "--fsys-tarfile", deb], check=True,
+                             stdout=subprocess.PIPE, timeout=CMD_TIMEOUT).stdout
+    with tarfile.open(fileobj=io.BytesIO(tarball)) as tar:
+        for m in tar.getmembers():
+            path = "/" + os.path.normpath(m.name).lstrip("./")
+            if path == "/":
+                continue
+            # dom0's /lib is a link to usr/lib, as on merged-/usr Debian: dpkg writes through
+            # it, and a directory entry for /lib would make the kernel's unpacker replace it
+            top, _, rest = path[1:].partition("/")
+            if top in MERGED_USR:
+                path = "/usr/" + top + ("/" + rest if rest else "")
+            if m.isdir():
+                w.ensure_parents(path)
+                w.directory(path, m.mode & 0o7777)
+            elif m.issym():
+                w.ensure_parents(path)
+                w.symlink(path, m.linkname)
+            elif m.isfile():
+                w.ensure_parents(path)
+                w.file(path, tar.extractfile(m).read(), m.mode & 0o7777)
+
+
+def build_checkout_cpio(checkout, deb, path):
+    """block-rbd from its package, and the checkout under /opt/block-rbd for dom0's pytest."""
     buf = io.BytesIO()
     w = CpioWriter(buf)
     for rel in checkout_files(checkout):
@@ -514,13 +709,7 @@ def build_checkout_cpio(checkout, path):
         mode = os.stat(os.path.join(checkout, rel)).st_mode & 0o777
         w.ensure_parents("/opt/block-rbd/" + rel)
         w.file("/opt/block-rbd/" + rel, data, mode)
-        if rel.startswith("block_rbd/"):
-            dest = "/usr/lib/python3/dist-packages/" + rel
-            w.ensure_parents(dest)
-            w.file(dest, data, 0o644)
-        if rel == "scripts/block-rbd":
-            w.ensure_parents("/etc/xen/scripts/block-rbd")
-            w.file("/etc/xen/scripts/block-rbd", data, 0o755)
+    unpack_package(w, deb)
     w.close()
     with open(path + ".tmp", "wb") as fh:
         fh.write(gzip.compress(buf.getvalue(), compresslevel=1, mtime=0))
@@ -561,21 +750,38 @@ def prune(outroot, keep, per_kind=3):
                     pass
 
 
-def build(checkout=None, force=False):
-    """Build (or reuse) the boot set; return a dict of paths and timings."""
+STACKS = ("debian12", "debian13")
+
+
+def build(checkout=None, force=False, stack="debian12"):
+    """Build (or reuse) the boot set of `stack`; return a dict of paths and timings.
+
+    debian12: Xen 4.17, Linux 6.1, Python 3.11, Ceph 16.2 client (this host's packages);
+    debian13: Xen 4.20, Linux 6.12, Python 3.13, Ceph 18.2 client (a Debian 13 root).
+    """
     t0 = time.time()
     cache = cache_dir()
     os.makedirs(os.path.join(cache, "out"), exist_ok=True)
-    kernel, versions = resolve_packages()
-    hostvers = host_versions()
-    bkey = base_inputs(versions, hostvers)
+    if stack == "debian13":
+        sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(HERE)), "tools"))
+        import debianroot
+        sysroot = debianroot.build(ROOT13_SUITE)
+        versions = root_versions(sysroot)
+        bkey = base_inputs(versions, {"stack": stack})
+    elif stack == "debian12":
+        kernel, versions = resolve_packages()
+        bkey = base_inputs(versions, host_versions())
+    else:
+        raise ValueError(f"unknown stack {stack!r} (known: {', '.join(STACKS)})")
     outdir = os.path.join(cache, "out", f"base-{bkey}")
     base_cached = os.path.isdir(outdir) and not force
     if not base_cached:
-        roots = fetch_and_extract(cache, versions)
         shutil.rmtree(outdir + ".tmp", ignore_errors=True)
         os.makedirs(outdir + ".tmp")
-        build_base(cache, kernel, versions, roots, outdir)
+        if stack == "debian13":
+            build_base_root(sysroot, versions, outdir)
+        else:
+            build_base(cache, kernel, versions, fetch_and_extract(cache, versions), outdir)
         shutil.rmtree(outdir, ignore_errors=True)
         os.replace(outdir + ".tmp", outdir)
     # checkout overlay
@@ -584,10 +790,13 @@ def build(checkout=None, force=False):
     for rel in checkout_files(checkout):
         with open(os.path.join(checkout, rel), "rb") as fh:
             parts += [rel, oct(os.stat(os.path.join(checkout, rel)).st_mode & 0o777), fh.read()]
+    deb = build_package(checkout)
+    with open(deb, "rb") as fh:
+        parts += [os.path.basename(deb), fh.read()]
     ckey = sha(parts)
     cpath = os.path.join(cache, "out", f"checkout-{ckey}.cpio.gz")
     if force or not os.path.exists(cpath):
-        build_checkout_cpio(checkout, cpath)
+        build_checkout_cpio(checkout, deb, cpath)
     # /init and helpers from tests/xen/dom0 (a layer of its own: editing them is cheap)
     hparts = []
     for f in sorted(glob.glob(os.path.join(HERE, "dom0", "*"))):
@@ -613,7 +822,12 @@ def build(checkout=None, force=False):
         "checkout_key": ckey,
         "checkout": checkout,
         "has_block_rbd_script": os.path.exists(os.path.join(checkout, "scripts/block-rbd")),
+        "package": deb,
         "base_cached": base_cached,
+        "stack": stack,
+        # where the stack's packages are unpacked (the guest's busybox and kernel come from
+        # there too); None: fetch_and_extract() has them
+        "sysroot": sysroot if stack == "debian13" else None,
         "packages": versions,
         "seconds": round(time.time() - t0, 2),
     }
@@ -626,8 +840,9 @@ def main(argv=None):
     ap.add_argument("--checkout", help="checkout whose block_rbd + scripts/block-rbd go in")
     ap.add_argument("--force", action="store_true", help="rebuild even if cached")
     ap.add_argument("--json", action="store_true", help="print the result as JSON")
+    ap.add_argument("--stack", choices=STACKS, default="debian12")
     a = ap.parse_args(argv)
-    res = build(a.checkout, a.force)
+    res = build(a.checkout, a.force, a.stack)
     if a.json:
         print(json.dumps(res, indent=1))
     else:

@@ -1,5 +1,12 @@
-"""The Xen release gate: boot Xen + dom0 under QEMU/TCG once per session (the program in
-tests/xen/guest/gate), report one pytest test per scenario.
+"""The Xen release gate: boot Xen + dom0 under QEMU/TCG once per pairing of a dom0 stack and
+a cluster (the program in tests/xen/guest/gate), report one pytest test per scenario.
+
+Pairings (dom0 stack, the cluster's Ceph):
+  debian12-ceph16   Xen 4.17, Linux 6.1, Python 3.11, Ceph 16.2 client; this host's Ceph 16.2
+  debian13-ceph18   Xen 4.20, Linux 6.12, Python 3.13, Ceph 18.2 client; Debian 13's Ceph 18.2
+  debian12-ceph18   the Debian 12 dom0 against Ceph 18.2 (a cluster upgraded before its
+                    dom0s): the two-host gate runs there
+BLOCK_RBD_XEN_PAIRINGS (space-separated ids) picks some of them.
 
 Needs root (network namespace, tap) and qemu-system-x86_64; `make deps` installs it.
 Prints the wall times and the per-scenario attach/detach timings (relative figures:
@@ -19,9 +26,15 @@ sys.path.insert(0, HERE)
 
 GATE = os.path.join(HERE, "guest", "gate")
 TWOHOST = os.path.join(HERE, "guest", "twohost")
+# pairing id -> (build_dom0 stack, the cluster's Debian suite: None is this host's Ceph)
+PAIRINGS = {"debian12-ceph16": ("debian12", None), "debian13-ceph18": ("debian13", "trixie"),
+            "debian12-ceph18": ("debian12", "trixie")}
+GATE_PAIRINGS = ["debian12-ceph16", "debian13-ceph18"]
+TWOHOST_PAIRINGS = ["debian12-ceph18"]
 SCENARIOS = [
-    "krbd-attach", "nbd-attach", "ro-attach", "missing-image", "msgr2-only-krbd", "pv-guest-4disks",
-    "pygrub-guest", "pytest-dom0-krbd", "pytest-dom0-nbd", "bench-attach", "mon-restart-add",
+    "krbd-attach", "nbd-attach", "ro-attach", "missing-image", "msgr2-only-krbd", "secure-krbd", "secure-nbd",
+    "pv-guest-4disks",
+    "pygrub-guest", "pygrub-restricted", "pvgrub-guest", "pytest-dom0-krbd", "pytest-dom0-nbd", "bench-attach", "mon-restart-add",
     "osd-stall-guest", "day2-guest", "qos-dom0", "nbd-heal-guest", "storm-krbd-service", "storm-nbd-service",
     "nothing-left-mapped",
 ]
@@ -48,35 +61,42 @@ def _selected(names):
     return not only or any(n in only for n in names)
 
 
-def _run_gate(tmp_path_factory, program, label, scenarios):
+def _run_gate(tmp_path_factory, program, label, scenarios, pairing):
     reason = _unavailable()
     if reason:
         pytest.skip(reason)
     if not _selected(scenarios):
         pytest.skip("none of its scenarios selected (BLOCK_RBD_XEN_ONLY)")
+    wanted = os.environ.get("BLOCK_RBD_XEN_PAIRINGS", "").split()
+    if wanted and pairing not in wanted:
+        pytest.skip("pairing %s not selected (BLOCK_RBD_XEN_PAIRINGS)" % pairing)
+    stack, cluster_suite = PAIRINGS[pairing]
+    label = "%s-%s" % (label, pairing)
     import harness
     keep = os.environ.get("BLOCK_RBD_XEN_KEEP")
     workdir = os.path.join(keep, label) if keep else str(tmp_path_factory.mktemp("xen-" + label))
     started = time.time()
     try:
-        summary = harness.run_program(program, use_cluster=True, timeout=TIMEOUT, keep=workdir)
+        summary = harness.run_program(program, use_cluster=True, timeout=TIMEOUT, keep=workdir,
+                                      stack=stack, cluster_suite=cluster_suite)
     except SystemExit as exc:  # SIGTERM: the harness tore everything down; stop, don't reboot
         pytest.exit("Xen gate terminated (%s)" % exc, returncode=2)
     except Exception as exc:
         # pytest would run a failed session fixture again for the next test: one boot only
         summary = {"error": "%s: %s" % (type(exc).__name__, exc)}
     summary["wall"] = round(time.time() - started, 1)
+    summary["pairing"] = pairing
     return summary
 
 
-@pytest.fixture(scope="session")
-def gate(tmp_path_factory):
-    return _run_gate(tmp_path_factory, GATE, "gate", SCENARIOS)
+@pytest.fixture(scope="session", params=GATE_PAIRINGS)
+def gate(request, tmp_path_factory):
+    return _run_gate(tmp_path_factory, GATE, "gate", SCENARIOS, request.param)
 
 
-@pytest.fixture(scope="session")
-def twohost(tmp_path_factory):
-    return _run_gate(tmp_path_factory, TWOHOST, "twohost", TWOHOST_SCENARIOS)
+@pytest.fixture(scope="session", params=TWOHOST_PAIRINGS)
+def twohost(request, tmp_path_factory):
+    return _run_gate(tmp_path_factory, TWOHOST, "twohost", TWOHOST_SCENARIOS, request.param)
 
 
 def _check_ran(gate):
@@ -174,9 +194,9 @@ def _serial_tail(gate, name):
 def test_report(gate, capsys):
     """Not a check: prints the wall times and per-scenario timings."""
     _check_ran(gate)
-    lines = ["", "Xen gate: wall %.1f s (build %s s, cluster %s s, prepare %s s, QEMU %s s, verify %s s)"
-             % (gate["wall"], *(gate["timings"].get(k) for k in ("build", "cluster", "prepare", "qemu",
-                                                                  "verify"))),
+    lines = ["", "Xen gate %s: wall %.1f s (build %s s, cluster %s s, prepare %s s, QEMU %s s, verify %s s)"
+             % (gate["pairing"], gate["wall"], *(gate["timings"].get(k) for k in (
+                 "build", "cluster", "prepare", "qemu", "verify"))),
              "  dom0 stages (s since boot): " + ", ".join(
                  "%s %.1f" % (k, v) for k, v in gate["stages"].items() if v is not None),
              "  base layer %s" % ("cached" if gate["build"].get("base_cached") else "BUILT (cold)")]
@@ -207,8 +227,9 @@ def test_report(gate, capsys):
 def test_two_host_report(twohost, capsys):
     """Not a check: prints the two-host gate's times and every scenario's whole result."""
     _check_ran(twohost)
-    lines = ["", "Two-host Xen gate: wall %.1f s (build %s s, cluster %s s, prepare %s s, QEMU %s s)"
-             % (twohost["wall"], *(twohost["timings"].get(k) for k in ("build", "cluster", "prepare", "qemu")))]
+    lines = ["", "Two-host Xen gate %s: wall %.1f s (build %s s, cluster %s s, prepare %s s, QEMU %s s)"
+             % (twohost["pairing"], twohost["wall"], *(twohost["timings"].get(k) for k in (
+                 "build", "cluster", "prepare", "qemu")))]
     for name, facts in sorted(twohost.get("machines", {}).items()):
         lines.append("  dom0 %s stages (s since boot): " % name + ", ".join(
             "%s %.1f" % (k, v) for k, v in facts["stages"].items() if v is not None))
