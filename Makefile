@@ -13,7 +13,7 @@ PYLIBDIR    ?= $(shell $(PYTHON) -c 'import sys; print("/usr/local/lib/python%d.
 # tools, rbd-fuse/rbd-nbd, qemu-img.  Xen: what the Xen-in-QEMU harness builds from.
 RUNTIME_DEBS = python3 python3-rados python3-rbd python3-click python3-yaml ceph-common fuse rbd-fuse rbd-nbd
 TEST_DEBS    = $(RUNTIME_DEBS) python3-venv ceph-mon ceph-mgr ceph-osd xenstore-utils qemu-utils util-linux kmod
-XEN_DEBS     = qemu-system-x86 iproute2 cpio busybox-static e2fsprogs python3-pytest python3-pytest-mock
+XEN_DEBS     = qemu-system-x86 iproute2 cpio busybox-static e2fsprogs zstd python3-pytest python3-pytest-mock
 # The other stacks come from cached Debian roots (tools/debianroot.py).
 STACK_DEBS   = debootstrap debian-archive-keyring
 
@@ -93,26 +93,27 @@ uninstall:
 demo: deps
 	$(PYTHON) tools/demo.py
 
-# The whole suite (Debian 12: Python 3.11, Ceph 16.2 clients and cluster, and the Xen gate),
-# then the host-side suite on the other stacks; every part runs, the first failure decides.
+# The whole suite (Debian 12: Python 3.11, Ceph 16.2 clients and cluster; the package; the
+# Xen gates of every pairing), then the host-side suite on the other two stacks, side by side
+# (each its own cluster and temp dirs); every part runs, and any failure fails the target.
 test: deps venv
 	@rc=0; \
 	$(VENV)/bin/python -m pytest tests || rc=1; \
-	$(MAKE) --no-print-directory test-ceph18 || rc=1; \
-	$(MAKE) --no-print-directory test-debian13 || rc=1; \
+	$(MAKE) --no-print-directory -j2 --output-sync=target test-ceph18 test-debian13 || rc=1; \
 	exit $$rc
 
 # This system's clients against a Ceph 18.2 cluster (Debian 13's daemons, from a cached root):
 # a cluster upgraded before its dom0s.
 test-ceph18: deps venv
-	BLOCK_RBD_TEST_CLUSTER_SUITE=trixie $(VENV)/bin/python -m pytest -p no:cacheprovider tests/unit tests/integration
+	BLOCK_RBD_TEST_CLUSTER_SUITE=trixie $(VENV)/bin/python -m pytest -p no:cacheprovider \
+		--basetemp=/tmp/brbd-ceph18 tests/unit tests/integration
 
 # The host-side suite inside a Debian 13 root: Python 3.13, Ceph 18.2 bindings, tools and
 # cluster, rbd-fuse with libfuse 3.17.  The root stays as built (changes go to an overlay).
 test-debian13: deps
 	@ov=$$(mktemp -d /tmp/brbd-debian13.XXXXXX); \
 	$(PYTHON) tools/debianroot.py run --suite trixie --bind $(CURDIR) --overlay $$ov --cwd $(CURDIR) -- \
-		python3 -m pytest -p no:cacheprovider tests/unit tests/integration; \
+		python3 -m pytest -p no:cacheprovider --basetemp=/tmp/brbd-debian13 tests/unit tests/integration; \
 	rc=$$?; rm -rf $$ov; exit $$rc
 
 test-unit: venv

@@ -48,6 +48,8 @@ def images(pattern):
     spec = {
         "krbd1": (64 * MiB, []),
         "nbd1": (64 * MiB, []),
+        "secure-krbd": (64 * MiB, []),  # ms_mode=secure: wire encryption
+        "secure-nbd": (64 * MiB, []),
         "ro1": (64 * MiB, [(0, GOLDEN)]),
         "bench": (64 * MiB, []),
     }
@@ -254,6 +256,8 @@ def _workdir(ctx):
 
 
 def _extract_root(ctx, name):
+    if ctx.boot.get("sysroot"):  # a stack built from one Debian root holds every package
+        return ctx.boot["sysroot"]
     versions = ctx.boot["packages"]
     pkg = [n for n in versions if n == name or (name == "kernel" and n.startswith("linux-image-"))][0]
     roots = build_dom0.fetch_and_extract(build_dom0.cache_dir(), {pkg: versions[pkg]})
@@ -282,11 +286,7 @@ def guest_initrd(ctx):
     os.symlink("/proc/mounts", os.path.join(stage, "etc/mtab"))  # resize2fs looks there
     st = build_dom0.Stage(stage, [])
     st.put_file(bb, "/usr/bin/busybox", 0o755)
-    for name, path in sorted(build_dom0.module_closure(modroot, GUEST_MODULES).items()):
-        st.put_file(path, "/usr/lib/modules/%s/%s" % (kver, os.path.relpath(path, modroot)), 0o644)
-    for f in ("modules.order", "modules.builtin"):
-        st.put_file(os.path.join(modroot, f), "/usr/lib/modules/%s/%s" % (kver, f), 0o644)
-    subprocess.run([bb, "depmod", "-b", stage, kver], check=True, timeout=60)
+    build_dom0.put_modules(stage, modroot, kver, GUEST_MODULES)
     for b in GUEST_BINS:
         st.with_libs(b)
     with open(os.path.join(HERE, "guest-init"), "rb") as fh:
@@ -300,19 +300,48 @@ def guest_initrd(ctx):
     return gzip.compress(buf.getvalue(), compresslevel=6, mtime=0)
 
 
+def elf_kernel(bzimage):
+    """The kernel's ELF image (vmlinux), gzip'd, out of a bzImage.
+
+    GRUB for Xen loads only ELF or bzImages whose payload it can decompress, and GRUB 2.12
+    cannot decompress Debian 13's zstd payload ("not xen image"); a gzip'd ELF it reads
+    through its own gunzip, and so does libxl for pygrub.  The payload's place is in the
+    bzImage's setup header (boot protocol 2.08+): setup_sects, payload_offset/_length.
+    """
+    import lzma
+    import struct
+    setup_sects = bzimage[0x1F1] or 4
+    offset, length = struct.unpack_from("<II", bzimage, 0x248)
+    # the kernel's build appends the uncompressed size (4 bytes) to the compressed stream
+    payload = bzimage[(setup_sects + 1) * 512 + offset:][:length][:-4]
+    if payload.startswith(b"\xfd7zXZ\x00"):
+        elf = lzma.decompress(payload)
+    elif payload.startswith(b"\x28\xb5\x2f\xfd"):
+        elf = subprocess.run(["zstd", "-dc"], input=payload, stdout=subprocess.PIPE, check=True,
+                             timeout=120).stdout
+    elif payload.startswith(b"\x1f\x8b"):
+        elf = gzip.decompress(payload)
+    else:
+        raise RuntimeError("the guest kernel's payload is compressed in a way the gate does not know")
+    if not elf.startswith(b"\x7fELF"):
+        raise RuntimeError("the guest kernel's payload is not an ELF image")
+    return gzip.compress(elf, compresslevel=6, mtime=0)
+
+
 def pygrub_fs(ctx, kernel, initrd, path):
-    """An ext4 filesystem (no partition table) with /boot/grub/grub.cfg, kernel, initrd."""
+    """An ext4 filesystem (no partition table) with /boot/grub/grub.cfg, kernel, initrd:
+    pygrub (in dom0) and PV-Grub (in the guest) boot from it alike."""
     stage = path + ".d"
     shutil.rmtree(stage, ignore_errors=True)
     os.makedirs(os.path.join(stage, "boot", "grub"))
-    with open(os.path.join(stage, "boot", "vmlinuz-brbd"), "wb") as fh:
+    with open(os.path.join(stage, "boot", "vmlinux-brbd.gz"), "wb") as fh:
         fh.write(kernel)
     with open(os.path.join(stage, "boot", "initrd-brbd.gz"), "wb") as fh:
         fh.write(initrd)
     with open(os.path.join(stage, "boot", "grub", "grub.cfg"), "w") as fh:
         fh.write("set default=0\nset timeout=0\n\n"
                  "menuentry 'block-rbd pygrub test' {\n"
-                 "\tlinux /boot/vmlinuz-brbd console=hvc0 quiet brbd_mode=pygrub brbd_token=from-rbd-image\n"
+                 "\tlinux /boot/vmlinux-brbd.gz console=hvc0 quiet brbd_mode=pygrub brbd_token=from-rbd-image\n"
                  "\tinitrd /boot/initrd-brbd.gz\n}\n")
     size_mb = (len(kernel) + len(initrd)) // MiB + 8
     if os.path.exists(path):
@@ -388,7 +417,7 @@ def prepare(ctx):
     ctx.files["/brbd/guest/initrd.gz"] = initrd
 
     fs = os.path.join(work, "pygrub.ext4")
-    size_mb = pygrub_fs(ctx, kernel, initrd, fs)
+    size_mb = pygrub_fs(ctx, elf_kernel(kernel), initrd, fs)
     fill_images(ctx, work, images(pattern), [{"name": "pygrub", "size": size_mb * MiB, "writes": [[0, fs]]}])
 
     ctx.files["/etc/xen/block-rbd.yaml"] = dom0_config(ctx).encode()
@@ -417,6 +446,7 @@ def verify(ctx, parsed):
     pattern_md5 = ctx.config["BRBD_PATTERN_MD5"]
     stall = stall_blocks(ctx)
     want = [["krbd1", PATTERN_OFFSET, PATTERN_LEN], ["nbd1", PATTERN_OFFSET, PATTERN_LEN],
+            ["secure-krbd", PATTERN_OFFSET, PATTERN_LEN], ["secure-nbd", PATTERN_OFFSET, PATTERN_LEN],
             ["ro1", 0, MiB]] + [[n, 4096, 64] for n in PV_IMAGES]
     want += [[n, 0, 4096 * max(1, stall.get(n, 0))] for n in STALL_IMAGES + HEAL_IMAGES]
     want += [[n, 0, 4096] for n in STORM_IMAGES + ["monrestart"]]
@@ -427,7 +457,9 @@ def verify(ctx, parsed):
     with open(os.path.join(_workdir(ctx), "readback.json"), "w") as fh:
         json.dump(got, fh, indent=1)
     for scenario, key in (("krbd-attach", "krbd1@%d" % PATTERN_OFFSET),
-                          ("nbd-attach", "nbd1@%d" % PATTERN_OFFSET)):
+                          ("nbd-attach", "nbd1@%d" % PATTERN_OFFSET),
+                          ("secure-krbd", "secure-krbd@%d" % PATTERN_OFFSET),
+                          ("secure-nbd", "secure-nbd@%d" % PATTERN_OFFSET)):
         md5 = got[key][0] if got.get(key) else None
         ctx.mark(parsed, scenario, md5 == pattern_md5,
                  "librbd read-back of the pattern %s" % ("matches" if md5 == pattern_md5 else
