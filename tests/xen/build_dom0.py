@@ -423,6 +423,23 @@ def pack_base(R, outdir):
     return len(raw)
 
 
+def finish_base(st, applets, kver, versions, mods, outdir, t0, what):
+    """What every base ends with: the libraries of Python's extension modules, busybox
+    applet links where nothing real is installed, /etc, the packed cpio."""
+    R = st.root
+    for so in sorted(glob.glob(R + "/usr/lib/python3*/**/*.so", recursive=True)):
+        st.libs_of(so[len(R):])
+    for a in applets:
+        dest = usr_path("/" + a)
+        if not os.path.lexists(R + dest):
+            st.symlink(dest, "/usr/bin/busybox")
+    config_files(st, kver, versions, mods)
+    raw = pack_base(R, outdir)
+    shutil.rmtree(R)
+    log(f"base initramfs ({what}): {raw / 1e6:.1f} MB raw, {len(mods)} modules, "
+        f"{time.time() - t0:.1f}s")
+
+
 def build_base(cache, kernel, versions, roots, outdir):
     t0 = time.time()
     stage_dir = outdir + ".stage"
@@ -495,20 +512,7 @@ def build_base(cache, kernel, versions, roots, outdir):
         else:
             st.with_libs(src, "/" + rel)
     st.put_file(os.path.join(roots["grub-xen-host"], PVGRUB.lstrip("/")), PVGRUB, 0o644)
-    for so in sorted(glob.glob(R + "/usr/lib/python3*/**/*.so", recursive=True)):
-        st.libs_of(so[len(R):])
-
-    # busybox applet links where nothing real is installed
-    for a in applets:
-        dest = usr_path("/" + a)
-        if not os.path.lexists(R + dest):
-            st.symlink(dest, "/usr/bin/busybox")
-
-    config_files(st, kver, versions, mods)
-    raw = pack_base(R, outdir)
-    shutil.rmtree(stage_dir)
-    log(f"base initramfs: {raw / 1e6:.1f} MB raw, {len(mods)} modules, "
-        f"{time.time() - t0:.1f}s")
+    finish_base(st, applets, kver, versions, mods, outdir, t0, "Debian 12")
 
 
 # ---------------------------------------------------------------- Debian 13 (from a root)
@@ -617,17 +621,7 @@ def build_base_root(sysroot, versions, outdir):
         else:
             st.with_libs(rel, rel)
     st.put_file(PVGRUB, PVGRUB, 0o644)
-    for so in sorted(glob.glob(R + "/usr/lib/python3*/**/*.so", recursive=True)):
-        st.libs_of(so[len(R):])
-    for a in applets:
-        dest = usr_path("/" + a)
-        if not os.path.lexists(R + dest):
-            st.symlink(dest, "/usr/bin/busybox")
-    config_files(st, kver, versions, mods)
-    raw = pack_base(R, outdir)
-    shutil.rmtree(stage_dir)
-    log(f"base initramfs (Debian 13): {raw / 1e6:.1f} MB raw, {len(mods)} modules, "
-        f"{time.time() - t0:.1f}s")
+    finish_base(st, applets, kver, versions, mods, outdir, t0, "Debian 13")
 
 
 def copy_tree(src, dst, exclude):
