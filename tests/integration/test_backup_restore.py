@@ -89,9 +89,11 @@ def test_verify_catches_a_corrupted_file(config_path, source, outdir):
     with cluster_for(config_path) as cluster:
         backup.write_raw(cluster, spec, path)
         backup.verify_raw(cluster, spec, path)
-        with open(path, "r+b") as handle:
+        with open(path, "r+b") as handle:  # one byte changed (the data there is random)
             handle.seek(5 * MiB + 10)
-            handle.write(b"!")
+            old = handle.read(1)
+            handle.seek(5 * MiB + 10)
+            handle.write(bytes([old[0] ^ 0xFF]))
         with pytest.raises(backup.BackupError, match="differs from"):
             backup.verify_raw(cluster, spec, path)
         with open(path, "r+b") as handle:  # data where the snapshot has none
