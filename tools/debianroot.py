@@ -8,8 +8,9 @@ suite under Debian 13's python3 and Ceph bindings.  A root is built once per
 /var/cache/block-rbd-roots); the host's own apt configuration is never touched.
 
 A program runs inside a root in a mount namespace of its own: /proc, /sys, /dev and
-the directories asked for are mounted at their own paths, then chroot.  The mounts go away with the namespace's last process, so nothing is left
-on the host whichever way the program ends.
+the directories asked for are mounted at their own paths, then chroot.  The mounts go
+away with the namespace's last process, so nothing is left on the host whichever way
+the program ends.
 
 CLI:
     python3 tools/debianroot.py build [--suite trixie]     # prints the root's path
