@@ -21,6 +21,8 @@ Stdlib only: it runs under /usr/bin/python3 before anything is installed.
 """
 
 import argparse
+import contextlib
+import fcntl
 import hashlib
 import os
 import re
@@ -110,11 +112,31 @@ def _run(argv, **kw):
     return p
 
 
+@contextlib.contextmanager
+def locked(path):
+    """Hold an exclusive lock on the file `path` (created): builds of one cache by runs
+    side by side take turns."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 def build(suite=DEFAULT_SUITE, force=False):
     """Return the path of a root of `suite` with the suite's packages, building it once."""
     path = root_path(suite)
     if os.path.isfile(os.path.join(path, ".complete")) and not force:
         return path
+    with locked(os.path.join(cache_dir(), suite + ".lock")):
+        if os.path.isfile(os.path.join(path, ".complete")) and not force:
+            return path  # built by another run while this one waited
+        return _build(suite, path)
+
+
+def _build(suite, path):
     if not shutil.which("debootstrap"):
         raise SystemExit("debootstrap is not installed (apt-get install debootstrap)")
     t0 = time.monotonic()

@@ -31,6 +31,8 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(HERE)), "tools"))
+import debianroot  # noqa: E402
 from cpio import CpioWriter, write_tree  # noqa: E402
 
 DEFAULT_CACHE = "/var/cache/block-rbd-xen"
@@ -176,6 +178,11 @@ def host_versions():
 
 
 def fetch_and_extract(cache, versions):
+    with debianroot.locked(os.path.join(cache, "extract.lock")):  # runs side by side
+        return _fetch_and_extract(cache, versions)
+
+
+def _fetch_and_extract(cache, versions):
     debs = os.path.join(cache, "debs")
     ext = os.path.join(cache, "extract")
     os.makedirs(debs, exist_ok=True)
@@ -753,12 +760,16 @@ def build(checkout=None, force=False, stack="debian12"):
     debian12: Xen 4.17, Linux 6.1, Python 3.11, Ceph 16.2 client (this host's packages);
     debian13: Xen 4.20, Linux 6.12, Python 3.13, Ceph 18.2 client (a Debian 13 root).
     """
+    # one build at a time: runs side by side share the cache and the checkout's `make deb`
+    with debianroot.locked(os.path.join(cache_dir(), "build.lock")):
+        return _build(checkout, force, stack)
+
+
+def _build(checkout, force, stack):
     t0 = time.time()
     cache = cache_dir()
     os.makedirs(os.path.join(cache, "out"), exist_ok=True)
     if stack == "debian13":
-        sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(HERE)), "tools"))
-        import debianroot
         sysroot = debianroot.build(ROOT13_SUITE)
         versions = root_versions(sysroot)
         bkey = base_inputs(versions, {"stack": stack})
