@@ -189,6 +189,9 @@ class Cluster:
     def start(self, timeout=300):
         os.makedirs(self.dir, exist_ok=True)
         t0 = time.time()
+        if self.suite:
+            # built (or found cached) out here: the namespace has no route to the mirror
+            build_dom0.debianroot.build(self.suite)
         p = subprocess.run(self.ns.exec_argv(["/usr/bin/python3", self.script, "start", self.dir,
                                               "--addr", HOST_ADDR]
                                              + (["--suite", self.suite] if self.suite else [])),
