@@ -9,6 +9,7 @@ import io
 import os
 import sys
 import tarfile
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -206,3 +207,33 @@ def test_several_machines_report_together(tmp_path):
     assert parsed["archive_ok"] is False  # no machine shipped its archive
     assert sorted(parsed["machines"]) == ["a", "b"]
     assert h._parse_all({"a": 0, "b": "timeout"})["qemu_rc"] == {"a": 0, "b": "timeout"}
+
+
+def test_runs_go_side_by_side_as_far_as_the_cpus_allow(monkeypatch, tmp_path):
+    """Two one-machine runs share the two CPUs; a two-machine run has them to itself."""
+    import subprocess
+    import test_xen
+    monkeypatch.setattr(test_xen, "SLOTS", 2)
+    seen = []
+
+    class Quick(test_xen.Run):
+        def reason_not_run(self):
+            return None
+
+        def start(self, workdir):
+            busy = [r.label for r in runs if r.proc and r.proc.poll() is None]
+            seen.append((self.label, busy))
+            self.started = time.time()
+            self.proc = subprocess.Popen(["sleep", "0.3"])
+
+        def finish(self):
+            self.summary = {"label": self.label}
+            self.done.set()
+
+    runs = [Quick("twohost", None, "p1", [], 2), Quick("gate", None, "p1", [], 1),
+            Quick("gate", None, "p2", [], 1)]
+    scheduler = test_xen.Runs(runs, lambda label: str(tmp_path / label))
+    assert scheduler.get("gate", "p2") == {"label": "gate-p2"}
+    for r in runs:
+        r.done.wait(30)
+    assert seen == [("twohost-p1", []), ("gate-p1", []), ("gate-p2", ["gate-p1"])]
