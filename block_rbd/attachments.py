@@ -25,12 +25,13 @@ log = logging.getLogger("block-rbd")
 MANUAL = "manual"
 
 
-def attach(config, cluster, target, request, registry, publish=None):
+def attach(config, cluster, target, request, registry, publish=None, failing=None):
     """Map target.spec for `request` (a policy.Request); returns the Mapping.
 
     `registry` is consulted before mapping and told about the mapping after;
     `publish(mapping)` (hotplug: the backend's physical-device) is the last
-    step, undone with the rest if it fails.
+    step, undone with the rest if it fails.  `failing(exc)` (hotplug: report
+    it) is told of a failure before the partial attach is undone.
     """
     spec = target.spec
     read_only = is_read_only(request.mode)
@@ -59,7 +60,9 @@ def attach(config, cluster, target, request, registry, publish=None):
             registry.mapped(cluster, spec, token, mapping)
             if publish is not None:
                 publish(mapping)
-        except BaseException:
+        except BaseException as exc:
+            if failing is not None:
+                failing(exc)
             with deadline.cleanup():
                 _drop(config, cluster, state, spec, read_only, request.holder, registry if registered else None)
             raise

@@ -8,17 +8,22 @@ remove: undo what the backend's keys (or, after a killed add, its params)
         cluster-wide registration, and a cluster that does not answer leaves
         that release pending instead of failing the remove.
 failure: hotplug-error + hotplug-status=error in one transaction, one line
-        in the log and on stderr, exit 1, nothing left behind.
+        in the log and on stderr, exit 1, nothing left behind.  The failure is
+        reported as soon as it is known, then undone: undoing can be slow on
+        an overloaded dom0, and libxl's SIGKILL must not find it unreported.
+        A watchdog reports a run still going once its budget is over.
 
 run() is one hotplug run, with one time budget for every step; main() calls
 it in-process, the per-host service (service.py) in one of its threads with
 its shared cluster connection.  Both behave the same.
 """
 
+import contextvars
 import logging
 import os
 import signal
 import sys
+import threading
 import time
 
 from . import attachments
@@ -92,7 +97,9 @@ class Backend:
         self.xs.write({self.key("hotplug-error"): message, self.key("hotplug-status"): "error"})
 
 
-def add(config, backend, cluster):
+def add(config, backend, cluster, outcome=None, failing=None):
+    """`outcome` (an Outcome) must let the run connect; `failing(exc)` is told of a
+    failure before the partial attach is undone."""
     started = time.monotonic()
     keys = backend.read()
     if "physical-device" in keys:
@@ -107,8 +114,15 @@ def add(config, backend, cluster):
     request = Request(holder=backend.path, mode=mode, vm=backend.vm_uuid(frontend) if guest else None,
                       domid=frontend or None, devid=backend.devid,
                       incoming=guest and backend.incoming(frontend))
-    mapping = attachments.attach(config, cluster, target, request, Registry(config),
-                                 publish=lambda m: backend.connected(m, mode))
+
+    def publish(mapping):
+        if outcome is not None and not outcome.take(outcome.RUN):
+            raise HotplugTimeout("the run was already reported failed (its budget was over) before it "
+                                 "could connect")
+        backend.connected(mapping, mode)
+
+    mapping = attachments.attach(config, cluster, target, request, Registry(config), publish=publish,
+                                 failing=failing)
     log.info("add: %s mode %s -> %s via %s in %.2f s", target.spec, mode, mapping.device,
              mapping.mapper, time.monotonic() - started)
 
@@ -143,7 +157,51 @@ def _finish_pending(config, cluster):
         log.warning("%d cluster-wide release(s) still pending", len(left))
 
 
-def run(command, path, started=None, cluster=None, xs_env=None, own_logging=True, before_report=None):
+class Outcome:
+    """Who tells libxl how a run ended, decided once: the run itself (it connects, or
+    reports its failure) or its watchdog (the run outlasted its budget)."""
+
+    RUN = "run"
+    WATCHDOG = "watchdog"
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._owner = None
+        self.reported = False
+        self.written = threading.Event()  # the report is over (written or not)
+
+    def take(self, who):
+        """True if `who` owns the outcome (now, or already)."""
+        with self._lock:
+            if self._owner is None:
+                self._owner = who
+            return self._owner == who
+
+    def to_report(self, who):
+        """True once: for the owner's one failure report."""
+        with self._lock:
+            if self._owner is None:
+                self._owner = who
+            if self._owner != who or self.reported:
+                return False
+            self.reported = True
+            return True
+
+
+def _describe(exc):
+    if isinstance(exc, BlockRbdError):
+        return str(exc)
+    return "internal error: %s: %s" % (type(exc).__name__, " ".join(str(exc).split()))
+
+
+def _watchdog_at(hotplug_budget):
+    """Seconds after the start when a run still going is reported failed: a second after
+    its budget, and early enough that the report lands before REPORT_END."""
+    return min(hotplug_budget + 1.0, deadline.REPORT_END - 3.0)
+
+
+def run(command, path, started=None, cluster=None, xs_env=None, own_logging=True, before_report=None,
+        on_reported=None):
     """One hotplug run for backend `path`; returns the exit code.
 
     `started`: when the run began (CLOCK_MONOTONIC), for its budget.
@@ -151,14 +209,35 @@ def run(command, path, started=None, cluster=None, xs_env=None, own_logging=True
     own_logging: set up the log handlers from the configuration (in-process);
     the service has set up its own.  before_report: called once the work is
     over, before a failure is reported (in-process: disarm the alarm, so it
-    never cuts the report short).
+    never cuts the report short).  on_reported(code): called once a failure
+    is in xenstore, possibly before the run is over (the service: the script
+    may exit then; what is left to undo is finished here, and libxl's remove
+    waits for it on the image's lock).
     """
     started = time.monotonic() if started is None else started
     log_mod.set_context(path)
     xs = Xenstore(env=xs_env)
     backend = Backend(xs, path)
+    outcome = Outcome()
     own_cluster = None
     message = None
+    watchdog = None
+
+    def report(text, who):
+        """hotplug-error + hotplug-status=error, once, by the outcome's owner."""
+        if not outcome.to_report(who):
+            return
+        log.error("%s failed: %s", command, text)
+        try:
+            with deadline.budget(deadline.Deadline(deadline.REPORT_END, started)):
+                backend.failed("%s failed: %s" % (command, text))
+        except BlockRbdError as exc:
+            log.error("could not report the failure in xenstore: %s", exc)
+        finally:
+            outcome.written.set()
+        if on_reported is not None:
+            on_reported(1)
+
     try:
         config = config_mod.load()
         if own_logging:
@@ -166,24 +245,37 @@ def run(command, path, started=None, cluster=None, xs_env=None, own_logging=True
         if cluster is None or not cluster.serves(config):
             # (the service's connection predates an edit of the cephx identity: not ours to use)
             cluster = own_cluster = Cluster(config)
-        with deadline.budget(deadline.Deadline(config["timeouts.hotplug"], started)):
+        budget = config["timeouts.hotplug"]
+        with deadline.budget(deadline.Deadline(budget, started)):
+            watchdog = threading.Timer(
+                max(0.0, started + _watchdog_at(budget) - time.monotonic()),
+                contextvars.copy_context().run,
+                (report, "not finished when its %g s budget (timeouts.hotplug) ran out: dom0 is overloaded "
+                 "or a step hung (see the log)" % budget, Outcome.WATCHDOG))
+            watchdog.daemon = True
+            watchdog.start()
             log.debug("%s: start (XENBUS_PATH=%s)", command, path)
-            (add if command == "add" else remove)(config, backend, cluster)
+            if command == "add":
+                add(config, backend, cluster, outcome,
+                    failing=lambda exc: report(_describe(exc), Outcome.RUN))
+            else:
+                remove(config, backend, cluster)
             _finish_pending(config, cluster)
-    except BlockRbdError as exc:
-        message = str(exc)
-    except Exception as exc:  # a bug: still tell libxl and the operator, in one line
-        log.debug("internal error", exc_info=True)
-        message = "internal error: %s: %s" % (type(exc).__name__, " ".join(str(exc).split()))
+    except Exception as exc:  # BlockRbdError, or a bug: still tell libxl and the operator, in one line
+        if not isinstance(exc, BlockRbdError):
+            log.debug("internal error", exc_info=True)
+        message = _describe(exc)
+    if watchdog is not None:
+        watchdog.cancel()
     if before_report is not None:
         before_report()
     if message is not None:
-        log.error("%s failed: %s", command, message)
-        try:
-            with deadline.budget(deadline.Deadline(deadline.REPORT_END, started)):
-                backend.failed("%s failed: %s" % (command, message))
-        except BlockRbdError as exc:
-            log.error("could not report the failure in xenstore: %s", exc)
+        report(message, Outcome.RUN)
+    elif not outcome.take(Outcome.RUN):
+        message = "reported by the watchdog"  # the run ended after all, but libxl was told it failed
+    if outcome.reported:
+        # the watchdog's report may still be under way: an exit now would cut it short
+        outcome.written.wait(max(0.0, started + deadline.REPORT_END - time.monotonic()))
     if own_cluster is not None and time.monotonic() - started < deadline.CLEANUP_END:
         # After the report, and only while there is time: shutting librados down can take
         # seconds on an overloaded dom0, and the process's exit frees it all the same.

@@ -16,11 +16,13 @@ Wire protocol (PROTOCOL), fields separated by NUL, messages by newline:
   script:  "block-rbd" PROTOCOL command path started config xenstored
   service: "ready" | "decline" reason        (at once)
   script:  "go"                              (only then does the run start)
-  service: "done" exit-code stderr-line...   (when the run ends)
+  service: "done" exit-code stderr-line...   (when the run ends, or once its
+                                             failure is in xenstore)
 A script that gave up waiting for "ready" sends nothing and closes: the
 service then drops the request, so a run never happens twice.
 """
 
+import contextvars
 import logging
 import os
 import signal
@@ -71,11 +73,12 @@ class _Capture(logging.Handler):
 
     def __init__(self):
         super().__init__(logging.WARNING)
-        self.lines = threading.local()
+        # a context variable, not a thread's: a run's watchdog thread runs in its context
+        self.lines = contextvars.ContextVar("block_rbd_run_lines", default=None)
         self.setFormatter(logging.Formatter("block-rbd: %(where)s%(message)s"))
 
     def emit(self, record):
-        lines = getattr(self.lines, "value", None)
+        lines = self.lines.get()
         if lines is not None:
             lines.append(self.format(record))
 
@@ -170,14 +173,29 @@ class Service:
         if go != ["go"]:
             return  # the script gave up on us and runs in-process
         env = dict(os.environ, XENSTORED_PATH=xenstored) if xenstored else None
-        self.capture.lines.value = lines = []
+        lines = []
+        token = self.capture.lines.set(lines)
+        sent = []
+        send_lock = threading.Lock()
+
+        def done(code):
+            # once: when a failure is in xenstore (the script may exit then), else at the end
+            with send_lock:
+                if sent:
+                    return
+                sent.append(code)
+                try:
+                    conn.sendall(encode("done", code, *lines))
+                except OSError as exc:
+                    log.warning("the script left before the run's end: %s", exc)
+
         try:
             with self.workers:
                 code = hotplug.run(command, path, float(started), cluster=self.cluster, xs_env=env,
-                                   own_logging=False)
+                                   own_logging=False, on_reported=done)
         finally:
-            self.capture.lines.value = None
-        conn.sendall(encode("done", code, *lines))
+            self.capture.lines.reset(token)
+        done(code)
 
 
 def _name(listener):

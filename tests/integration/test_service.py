@@ -113,6 +113,28 @@ def test_a_failure_through_the_service_is_one_line_in_xenstore_and_on_stderr(
     assert leftovers(config_path) == NOTHING
 
 
+def test_a_refusal_after_the_lock_is_reported_through_the_service_before_its_undo(
+        service, libxl, config_path, make_image, ceph_cluster, tmp_path):
+    """The refusal comes from inside attach (the cluster-wide registration): the service reports
+    it, tells the script, then undoes the partial attach; the remove right after finds it done."""
+    image = make_image(size=16 * MiB)
+    first = libxl.backend("%s:%s" % (ceph_cluster.pool, image), mode="w")
+    second = libxl.backend("%s:%s" % (ceph_cluster.pool, image), mode="w", domid=6)
+    assert libxl.run("add", first, env=service.env).returncode == 0
+    result = libxl.run("add", second, env=service.env)
+    assert result.returncode == 1
+    error = libxl.keys(second)["hotplug-error"]
+    assert error.startswith("add failed: %s/%s: w refused: attached w by " % (ceph_cluster.pool, image))
+    assert libxl.keys(second)["hotplug-status"] == "error"
+    assert result.stderr.strip().splitlines() == ["block-rbd: %s: %s" % (second, error)]
+    assert libxl.run("remove", second, env=service.env).returncode == 0
+    assert libxl.keys(first)["hotplug-status"] == "connected"
+    log_text = (tmp_path / "xen-hotplug.log").read_text()
+    assert log_text.count("%s: add failed:" % second) == 1
+    assert libxl.run("remove", first, env=service.env).returncode == 0
+    assert leftovers(config_path) == NOTHING
+
+
 def test_disks_outlive_a_crash_of_the_service(service, libxl, config_path, make_image, ceph_cluster, tmp_path):
     image = make_image(size=16 * MiB)
     path = libxl.backend("%s:%s" % (ceph_cluster.pool, image))

@@ -53,7 +53,7 @@ def run(command, path=PATH):
 
 def publishing(mapping):
     """An attach double that publishes `mapping` the way attach does, last."""
-    def attach(config, cluster, target, request, registry, publish=None):
+    def attach(config, cluster, target, request, registry, publish=None, failing=None):
         publish(mapping)
         return mapping
     return attach
@@ -234,6 +234,78 @@ def test_failed_connect_write_detaches(setup, mocker, tmp_path):
     assert registry.release.call_args.args[1:] == (ImageSpec("rbd", "vm1"), PATH)
     assert attachments.local_state(config_mod.load()).records() == []
     assert attachments.local_state(config_mod.load()).pending() == []
+
+
+def test_a_failure_is_in_xenstore_before_the_partial_attach_is_undone(setup, mocker, tmp_path):
+    """Undoing can be slow on an overloaded dom0: libxl's kill must find the failure reported."""
+    node = str(tmp_path / "dev")
+    os.mknod(node, stat.S_IFBLK | 0o600, os.makedev(7, 3))
+    mocker.patch.object(Cluster, "check_image")
+    mocker.patch.object(hotplug, "Registry")
+    mapper = mocker.MagicMock()
+    mapper.name = "fuse"
+    mapper.map.return_value = Mapping("fuse", ImageSpec("rbd", "vm1"), False, node)
+    mapper.find.return_value = mapper.map.return_value
+    seen = []
+    mapper.unmap.side_effect = lambda mapping: seen.append(dict(keys(setup.xs)))
+    mocker.patch.object(mappers, "choose", return_value=mapper)
+    mocker.patch.object(mappers, "get", return_value=mapper)
+    mocker.patch.object(hotplug.Backend, "connected", side_effect=XenstoreError("xenstore-write failed"))
+    assert run("add") == 1
+    assert len(seen) == 1
+    assert seen[0]["hotplug-status"] == "error"
+    assert seen[0]["hotplug-error"] == "add failed: xenstore-write failed"
+    assert setup.log.read_text().count("add failed:") == 1
+
+
+def test_a_run_still_going_after_its_budget_is_reported_and_can_no_longer_connect(setup, mocker, tmp_path):
+    """A step that overruns (here: one that ignores the budget) cannot keep libxl without a
+    report: the watchdog writes it a second after the budget, and the late attach is undone."""
+    setup.cfg.write_text(setup.cfg.read_text().replace("hotplug: 20", "hotplug: 1"))
+    mocker.patch.object(hotplug, "Cluster")
+    mocker.patch.object(hotplug, "Registry")
+    node = str(tmp_path / "dev")
+    os.mknod(node, stat.S_IFBLK | 0o600, os.makedev(7, 3))
+    seen = {}
+
+    def slow_attach(config, cluster, target, request, registry, publish=None, failing=None):
+        deadline_at = time.monotonic() + 10
+        while "hotplug-status" not in keys(setup.xs) and time.monotonic() < deadline_at:
+            time.sleep(0.05)
+        seen["reported"] = dict(keys(setup.xs))
+        try:
+            publish(Mapping("fuse", ImageSpec("rbd", "vm1"), False, node))
+        except Exception as exc:
+            failing(exc)
+            seen["refused"] = str(exc)
+            raise
+
+    mocker.patch.object(attachments, "attach", side_effect=slow_attach)
+    reported = []
+    assert hotplug.run("add", PATH, on_reported=reported.append) == 1
+    assert seen["reported"]["hotplug-status"] == "error"
+    assert seen["reported"]["hotplug-error"] == (
+        "add failed: not finished when its 1 s budget (timeouts.hotplug) ran out: dom0 is overloaded or a "
+        "step hung (see the log)")
+    assert "could connect" in seen["refused"]
+    assert "physical-device" not in keys(setup.xs)
+    assert keys(setup.xs)["hotplug-error"] == seen["reported"]["hotplug-error"]
+    assert reported == [1]
+    assert setup.log.read_text().count("add failed:") == 1
+
+
+def test_a_run_that_ends_in_time_has_no_watchdog_report(setup, mocker, tmp_path):
+    node = str(tmp_path / "dev-xvdb")
+    os.mknod(node, stat.S_IFBLK | 0o600, os.makedev(259, 17))
+    setup.cfg.write_text(setup.cfg.read_text().replace("hotplug: 20", "hotplug: 1"))
+    mocker.patch.object(hotplug, "Cluster")
+    mocker.patch.object(hotplug, "Registry")
+    mocker.patch.object(attachments, "attach", side_effect=publishing(
+        Mapping("fuse", ImageSpec("rbd", "vm1"), False, node)))
+    assert run("add") == 0
+    time.sleep(2.5)  # past when the watchdog would have fired
+    assert keys(setup.xs)["hotplug-status"] == "connected"
+    assert "hotplug-error" not in keys(setup.xs)
 
 
 def test_remove_after_add_never_ran_with_a_bad_target_does_nothing(setup, no_ceph):
