@@ -190,24 +190,26 @@ class RbdSysfs:
         with open(self._attr_path("remove"), "w") as handle:
             handle.write("%s%s" % (dev_id, " force" if force else ""))
 
+    ATTRS = ("pool", "pool_ns", "name", "current_snap", "client_addr", "client_id")
+
+    def ids(self):
+        """The ids of the mapped rbd devices."""
+        try:
+            return os.listdir(os.path.join(self.root, "devices"))
+        except FileNotFoundError:
+            return []
+
+    def attr(self, dev_id, attr):
+        """One attribute of a device; "" once it is gone."""
+        try:
+            with open(os.path.join(self.root, "devices", dev_id, attr)) as handle:
+                return handle.read().strip()
+        except OSError:
+            return ""
+
     def devices(self):
         """{dev_id: {attr: value}} for every mapped rbd device."""
-        base = os.path.join(self.root, "devices")
-        result = {}
-        try:
-            names = os.listdir(base)
-        except FileNotFoundError:
-            return result
-        for dev_id in names:
-            attrs = {}
-            for attr in ("pool", "pool_ns", "name", "current_snap", "client_addr", "client_id"):
-                try:
-                    with open(os.path.join(base, dev_id, attr)) as handle:
-                        attrs[attr] = handle.read().strip()
-                except OSError:
-                    attrs[attr] = ""
-            result[dev_id] = attrs
-        return result
+        return {dev_id: {attr: self.attr(dev_id, attr) for attr in self.ATTRS} for dev_id in self.ids()}
 
 
 class KrbdMapper(Mapper):
@@ -227,17 +229,32 @@ class KrbdMapper(Mapper):
             return "no rbd driver in this kernel (%s)" % exc
         return None if self.sysfs.present() else "no rbd driver in this kernel"
 
+    def _mapping(self, dev_id, attrs):
+        snap = attrs["current_snap"]
+        spec = ImageSpec(attrs["pool"], attrs["name"], attrs["pool_ns"], None if snap in ("", "-") else snap)
+        return Mapping(self.name, spec, block_read_only("rbd" + dev_id, self.sys_root),
+                       os.path.join(self.sysfs.dev_root, "rbd" + dev_id),
+                       {"id": dev_id, "client_addr": attrs["client_addr"], "client_id": attrs["client_id"]})
+
     def mapped(self):
-        mappings = []
-        for dev_id, attrs in sorted(self.sysfs.devices().items()):
-            snap = attrs["current_snap"]
-            spec = ImageSpec(attrs["pool"], attrs["name"], attrs["pool_ns"],
-                             None if snap in ("", "-") else snap)
-            mappings.append(Mapping(
-                self.name, spec, block_read_only("rbd" + dev_id, self.sys_root),
-                os.path.join(self.sysfs.dev_root, "rbd" + dev_id),
-                {"id": dev_id, "client_addr": attrs["client_addr"], "client_id": attrs["client_id"]}))
-        return mappings
+        return [self._mapping(dev_id, attrs) for dev_id, attrs in sorted(self.sysfs.devices().items())]
+
+    def _of(self, spec, ids):
+        """The mappings of spec among device `ids`.  A device's other attributes are read
+        only when its name matches: with a boot storm's dozens of devices, reading every
+        attribute of every device, three times a map, cost each map seconds."""
+        for dev_id in sorted(ids):
+            if self.sysfs.attr(dev_id, "name") != spec.image:
+                continue
+            mapping = self._mapping(dev_id, {attr: self.sysfs.attr(dev_id, attr) for attr in self.sysfs.ATTRS})
+            if mapping.spec == spec:
+                yield mapping
+
+    def find(self, spec, read_only):
+        for mapping in self._of(spec, self.sysfs.ids()):
+            if mapping.read_only == read_only:
+                return mapping
+        return None
 
     def options(self, spec, read_only, extra):
         cfg = self.config
@@ -246,9 +263,14 @@ class KrbdMapper(Mapper):
         if spec.namespace:
             opts.append("_pool_ns=%s" % spec.namespace)
         opts += list(cfg["krbd.options"]) + list(extra)
+        deadline.limit(what="krbd map")  # no map starts once the run's budget is used up
         if not any(o.startswith("mount_timeout=") for o in opts):
-            # The kernel waits 60 s for the cluster by default; libxl kills us at 40 s.
-            opts.append("mount_timeout=%d" % max(1, int(deadline.limit(cfg["timeouts.map"], what="krbd map"))))
+            # The kernel waits 60 s for the cluster by default; libxl kills us at 40 s.  One
+            # value for every map, never the budget a run has left: the kernel shares its
+            # cluster client only between maps of the same options, and a client (session,
+            # osdmap, OSD connections) per map made a boot storm's maps ~10 times slower.  A
+            # wait past the budget is cut by the run's alarm, or reported by its watchdog.
+            opts.append("mount_timeout=%d" % max(1, int(cfg["timeouts.map"])))
         if read_only:
             opts.append("read_only")
         return opts
@@ -263,7 +285,7 @@ class KrbdMapper(Mapper):
             log.info("mon_host offers only msgr2 addresses: krbd maps %s with %s", spec, added)
         mons = kernel_mon_addrs(mon_host, uses_msgr2(opts))
         add_kernel_key(cfg["ceph.id"], keyring_secret(cfg.keyring, cfg["ceph.id"]))
-        before = set(self.sysfs.devices())
+        before = set(self.sysfs.ids())
         line = "%s %s %s %s %s" % (mons, ",".join(opts), spec.pool, spec.image, spec.snap or "-")
         try:
             self.sysfs.add(line)
@@ -271,10 +293,9 @@ class KrbdMapper(Mapper):
             cause = _MAP_ERRORS.get(exc.errno, os.strerror(exc.errno or 0))
             kind = FeaturesUnsupported if exc.errno == errno.ENXIO else MapperError
             raise kind("krbd map of %s failed: %s" % (spec, cause)) from None
-        for mapping in self.mapped():
-            if mapping.details["id"] not in before and mapping.spec == spec:
-                log.info("krbd mapped %s at %s", spec, mapping.device)
-                return mapping
+        for mapping in self._of(spec, set(self.sysfs.ids()) - before):
+            log.info("krbd mapped %s at %s", spec, mapping.device)
+            return mapping
         raise MapperError("krbd map of %s reported success but no device appeared" % spec)
 
     def unmap(self, mapping):
