@@ -267,8 +267,8 @@ class KrbdMapper(Mapper):
         if not any(o.startswith("mount_timeout=") for o in opts):
             # The kernel waits 60 s for the cluster by default; libxl kills us at 40 s.  One
             # value for every map, never the budget a run has left: the kernel shares its
-            # cluster client only between maps of the same options, and a client (session,
-            # osdmap, OSD connections) per map made a boot storm's maps ~10 times slower.  A
+            # cluster client only between maps of the same options, and a client per map
+            # (its own session, osdmap, OSD connections) multiplies a boot storm's work.  A
             # wait past the budget is cut by the run's alarm, or reported by its watchdog.
             opts.append("mount_timeout=%d" % max(1, int(cfg["timeouts.map"])))
         if read_only:
