@@ -194,10 +194,17 @@ def _describe(exc):
     return "internal error: %s: %s" % (type(exc).__name__, " ".join(str(exc).split()))
 
 
-def _watchdog_at(hotplug_budget):
-    """Seconds after the start when a run still going is reported failed: a second after
-    its budget, and early enough that the report lands before REPORT_END."""
-    return min(hotplug_budget + 1.0, deadline.REPORT_END - 3.0)
+# The watchdog is for a step that hangs: a run that begins with its budget already
+# spent (a slow start) is left this long to say so itself, naming where it stood.
+WATCHDOG_GRACE = 2.0
+
+
+def _watchdog_delay(hotplug_budget, started, now):
+    """Seconds from `now` until a run still going is reported failed: a second after its
+    budget, not sooner than WATCHDOG_GRACE, early enough for the report to land before
+    REPORT_END."""
+    at = max(started + hotplug_budget + 1.0, now + WATCHDOG_GRACE)
+    return max(0.0, min(at, started + deadline.REPORT_END - 3.0) - now)
 
 
 def run(command, path, started=None, cluster=None, xs_env=None, own_logging=True, before_report=None,
@@ -248,7 +255,7 @@ def run(command, path, started=None, cluster=None, xs_env=None, own_logging=True
         budget = config["timeouts.hotplug"]
         with deadline.budget(deadline.Deadline(budget, started)):
             watchdog = threading.Timer(
-                max(0.0, started + _watchdog_at(budget) - time.monotonic()),
+                _watchdog_delay(budget, started, time.monotonic()),
                 contextvars.copy_context().run,
                 (report, "not finished when its %g s budget (timeouts.hotplug) ran out: dom0 is overloaded "
                  "or a step hung (see the log)" % budget, Outcome.WATCHDOG))

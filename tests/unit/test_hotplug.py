@@ -294,6 +294,17 @@ def test_a_run_still_going_after_its_budget_is_reported_and_can_no_longer_connec
     assert setup.log.read_text().count("add failed:") == 1
 
 
+def test_the_watchdog_leaves_a_late_starting_run_to_report_its_spent_budget_itself():
+    # started 100.0; budget 30: a second after the budget
+    assert hotplug._watchdog_delay(30, 100.0, 100.2) == pytest.approx(30.8)
+    # a run that begins with its 2 s budget spent: its own check names the step; the watchdog
+    # waits WATCHDOG_GRACE rather than firing at once
+    assert hotplug._watchdog_delay(2, 100.0, 103.0) == pytest.approx(hotplug.WATCHDOG_GRACE)
+    # never so late that the report misses libxl
+    assert hotplug._watchdog_delay(35, 100.0, 133.5) == pytest.approx(0.5)
+    assert hotplug._watchdog_delay(35, 100.0, 136.0) == 0.0
+
+
 def test_a_run_that_ends_in_time_has_no_watchdog_report(setup, mocker, tmp_path):
     node = str(tmp_path / "dev-xvdb")
     os.mknod(node, stat.S_IFBLK | 0o600, os.makedev(259, 17))
