@@ -35,7 +35,8 @@ def once(config, cluster=None, sizes=False):
     from .mappers import nbd
     steps = [("heal", lambda: nbd.heal(config, cluster, Registry(config) if cluster else None)),
              ("fuse sizes", lambda: attachments.follow_size(config, names=("fuse",))),
-             ("nbd leftovers", lambda: nbd.sweep(config))]
+             ("nbd leftovers", lambda: nbd.sweep(config)),
+             ("nbd heal timeouts", lambda: nbd.end_heal_timeouts(config))]
     if sizes and cluster is not None:
         steps.append(("nbd sizes", lambda: nbd.follow_sizes(config, cluster)))
     for name, step in steps:

@@ -45,6 +45,14 @@ DAEMON_EXIT = 30
 # How long the kernel holds a device's I/O for a new daemon when its daemon is gone
 # (rbd-nbd's --reattach-timeout, its default): upkeep attaches one within seconds.
 REATTACH_TIMEOUT = 30
+# A request that was with a daemon when it died is sent again only when it times out:
+# with no timeout (rbd-nbd's and the kernel's default) it hung the healed disk for good
+# on Linux 6.1 and 6.12 alike (3 of 4 gate runs).  So a heal gives the device a timeout
+# until the dead daemon's requests have timed out once (their 30 s tick), then none again:
+# a live daemon's request that outlasts a timeout is dropped with its connection, and a
+# disk must wait out a cluster outage, not lose its daemon to it.
+HEAL_IO_TIMEOUT = 60  # longer than the window: no request sent after the heal times out
+HEAL_WINDOW = 40
 # The budget of one heal or restart of one device (an attach is a map's work).
 ATTACH_BUDGET = 30
 # Our cookies say they are ours: a netlink device left without daemon and without a
@@ -299,6 +307,15 @@ class NbdMapper(Mapper):
             argv.append("--read-only")
         return argv + option_args(list(self.config["nbd.options"]) + list(record.options))
 
+    def sets_timeout(self, record):
+        """True if the configuration or the disk gives rbd-nbd a request timeout of its own."""
+        return any(o.partition("=")[0] in ("io_timeout", "timeout")
+                   for o in list(self.config["nbd.options"]) + list(record.options))
+
+    def set_timeout(self, device, seconds, cookie):
+        with nbd_netlink.Nbd(timeout=deadline.limit(5, what="the netlink timeout of %s" % device)) as nl:
+            nl.set_timeout(int(os.path.basename(device)[3:]), seconds, cookie)
+
     @contextlib.contextmanager
     def _free_device(self, state):
         """A free nbd device, claimed host-wide until the block ends (None: let rbd-nbd pick).
@@ -516,7 +533,40 @@ def heal(config, cluster=None, registry=None, mapper=None):
             log.info("upkeep: the rbd-nbd daemon of %s (%s) was gone: rbd-nbd %d attached in %.1f s",
                      record.device, record.image, pid, time.monotonic() - started)
             healed.append((record.device, pid))
+            if not mapper.sets_timeout(record):
+                _resend_held(mapper, record)
     return healed
+
+
+_timed = {}  # device -> (cookie, when the timeout its heal gave it ends)
+
+
+def _resend_held(mapper, record):
+    """Give a healed device HEAL_IO_TIMEOUT, so that what its dead daemon held is sent again."""
+    try:
+        mapper.set_timeout(record.device, HEAL_IO_TIMEOUT, record.cookie)
+    except (OSError, HotplugTimeout) as exc:
+        log.error("upkeep: %s (%s): no request timeout set (%s): a request its dead daemon held may never "
+                  "complete", record.device, record.image, exc)
+        return
+    _timed[record.device] = (record.cookie, time.monotonic() + HEAL_WINDOW)
+
+
+def end_heal_timeouts(config, mapper=None, now=None):
+    """Back to no request timeout, for each healed device whose window is over; [device]."""
+    now = time.monotonic() if now is None else now
+    due = [(d, c) for d, (c, until) in sorted(_timed.items()) if until <= now]
+    if not due:
+        return []
+    mapper = mapper or NbdMapper(config)
+    ended = []
+    for device, cookie in due:
+        if mapper.backend(device) == cookie:  # else disconnected, or another disk's by now
+            mapper.set_timeout(device, 0, cookie)  # an error: the next round tries again
+            log.info("upkeep: %s: the request timeout of its heal is over, none again", device)
+        del _timed[device]
+        ended.append(device)
+    return ended
 
 
 def sweep(config, mapper=None):

@@ -30,6 +30,7 @@ NBD_CMD_DISCONNECT = 2
 NBD_CMD_RECONFIGURE = 3
 NBD_ATTR_INDEX = 1
 NBD_ATTR_SIZE_BYTES = 2
+NBD_ATTR_TIMEOUT = 4
 NBD_ATTR_BACKEND_IDENTIFIER = 10
 
 _NLMSGHDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid
@@ -66,12 +67,21 @@ def disconnect(family, index, seq):
                    seq)
 
 
-def resize(family, index, size, backend, seq):
-    """NBD_CMD_RECONFIGURE with the new size; a device with a backend identifier needs it given."""
-    attrs = [attr(NBD_ATTR_INDEX, struct.pack("=I", index)), attr(NBD_ATTR_SIZE_BYTES, struct.pack("=Q", size))]
+def reconfigure(family, index, attrs, backend, seq):
+    """NBD_CMD_RECONFIGURE; a device with a backend identifier needs it given."""
+    attrs = [attr(NBD_ATTR_INDEX, struct.pack("=I", index))] + list(attrs)
     if backend:
         attrs.append(attr(NBD_ATTR_BACKEND_IDENTIFIER, backend.encode() + b"\0"))
     return message(family, NBD_CMD_RECONFIGURE, NBD_GENL_VERSION, attrs, seq)
+
+
+def resize(family, index, size, backend, seq):
+    return reconfigure(family, index, [attr(NBD_ATTR_SIZE_BYTES, struct.pack("=Q", size))], backend, seq)
+
+
+def set_timeout(family, index, seconds, backend, seq):
+    """The request timeout in seconds; 0: none (the kernel then only warns every 30 s)."""
+    return reconfigure(family, index, [attr(NBD_ATTR_TIMEOUT, struct.pack("=Q", seconds))], backend, seq)
 
 
 def parse_attrs(data):
@@ -159,3 +169,7 @@ class Nbd:
     def resize(self, index, size, backend):
         family = self._family()
         self._call(lambda seq: resize(family, index, size, backend, seq))
+
+    def set_timeout(self, index, seconds, backend):
+        family = self._family()
+        self._call(lambda seq: set_timeout(family, index, seconds, backend, seq))

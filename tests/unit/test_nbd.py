@@ -856,12 +856,73 @@ class FakeNetlink:
             raise OSError(errno.EINVAL, "Invalid argument")
         self.host.resize("/dev/nbd%d" % index, size)
 
+    def set_timeout(self, index, seconds, backend):
+        self.calls.append((index, "timeout", seconds, backend))
+        if self.host.backend("/dev/nbd%d" % index) != backend:
+            raise OSError(errno.EINVAL, "Invalid argument")
 
-@pytest.fixture
+
+@pytest.fixture(autouse=True)
 def netlink(host, monkeypatch):
+    """The kernel's nbd netlink family, for every test here: none talks to the real one."""
     fake = FakeNetlink(host)
     monkeypatch.setattr(nbd_mod.nbd_netlink, "Nbd", fake)
+    monkeypatch.setattr(nbd_mod, "_timed", {})
     return fake
+
+
+# ---- heal: what the dead daemon held is sent again -----------------------------------------------
+
+def test_a_heal_gives_the_device_a_request_timeout_for_a_window_then_none(
+        mapper, rbd_nbd, host, config, netlink, logged):
+    """The kernel sends a request again only when it times out; with none the healed disk hung."""
+    state = nbd_mod.local_state(config)
+    mapping = mapper.map(ImageSpec("rbd", "vm1"), False)
+    record_of(state, mapping)
+    cookie = mapping.details["cookie"]
+    host.exit(mapper.serving("/dev/nbd0"))
+    assert len(nbd_mod.heal(config, mapper=mapper)) == 1
+    assert netlink.calls == [(0, "timeout", nbd_mod.HEAL_IO_TIMEOUT, cookie)]
+    assert nbd_mod.end_heal_timeouts(config, mapper) == []  # within the window
+    later = time.monotonic() + nbd_mod.HEAL_WINDOW + 1
+    assert nbd_mod.end_heal_timeouts(config, mapper, now=later) == ["/dev/nbd0"]
+    assert netlink.calls[-1] == (0, "timeout", 0, cookie)
+    assert nbd_mod.end_heal_timeouts(config, mapper, now=later) == [] and len(netlink.calls) == 2
+    assert "upkeep: /dev/nbd0: the request timeout of its heal is over, none again" in [
+        r.getMessage() for r in logged.records]
+
+
+def test_a_disk_with_its_own_request_timeout_keeps_it_through_a_heal(host, rbd_nbd, netlink):
+    config = from_dict({"ceph": {"conf": "/c", "id": "dom0a", "keyring": "/k"},
+                        "nbd": {"options": ["io_timeout=120"]}})
+    mapper = NbdMapper(config, sys_root=host.sys_root, proc_root=host.proc_root)
+    record_of(nbd_mod.local_state(config), mapper.map(ImageSpec("rbd", "vm1"), False))
+    host.exit(mapper.serving("/dev/nbd0"))
+    assert len(nbd_mod.heal(config, mapper=mapper)) == 1
+    assert netlink.calls == [] and "--io-timeout" in rbd_nbd.calls[-1]
+
+
+def test_a_refused_timeout_is_one_error_line_and_the_heal_stands(mapper, rbd_nbd, host, config, netlink, logged):
+    state = nbd_mod.local_state(config)
+    record_of(state, mapper.map(ImageSpec("rbd", "vm1"), False))
+    host.exit(mapper.serving("/dev/nbd0"))
+    netlink.set_timeout = lambda index, seconds, backend: (_ for _ in ()).throw(OSError(errno.EPERM, "denied"))
+    (healed,) = nbd_mod.heal(config, mapper=mapper)
+    assert healed[1] == mapper.serving("/dev/nbd0")
+    (line,) = [r.getMessage() for r in logged.records if r.levelname == "ERROR"]
+    assert line == ("upkeep: /dev/nbd0 (rbd/vm1): no request timeout set ([Errno 1] denied): a request its "
+                    "dead daemon held may never complete")
+    assert nbd_mod.end_heal_timeouts(config, mapper, now=time.monotonic() + 3600) == []
+
+
+def test_the_window_of_a_device_disconnected_meanwhile_ends_without_a_call(mapper, rbd_nbd, host, config, netlink):
+    state = nbd_mod.local_state(config)
+    record_of(state, mapper.map(ImageSpec("rbd", "vm1"), False))
+    host.exit(mapper.serving("/dev/nbd0"))
+    nbd_mod.heal(config, mapper=mapper)
+    host.disconnect("/dev/nbd0")
+    assert nbd_mod.end_heal_timeouts(config, mapper, now=time.monotonic() + 3600) == ["/dev/nbd0"]
+    assert len(netlink.calls) == 1
 
 
 def test_a_device_that_lags_its_image_is_resized_with_its_cookie(mapper, rbd_nbd, host, netlink, logged):

@@ -58,3 +58,10 @@ def test_a_kernel_without_nbd_netlink_is_one_error():
     with nl.Nbd(timeout=2) as kernel:
         with pytest.raises(nl.NetlinkError, match="no nbd netlink family"):
             kernel.disconnect(0)
+
+
+def test_set_timeout_names_the_backend():
+    msg = nl.set_timeout(0x22, index=0, seconds=60, backend="brbd-1", seq=4)
+    body = bytes([3, 1, 0, 0]) + struct.pack("=HHI", 8, 1, 0) + struct.pack("=HHQ", 12, 4, 60) \
+        + struct.pack("=HH", 11, 10) + b"brbd-1\0" + b"\0"
+    assert msg == struct.pack("=IHHII", 16 + len(body), 0x22, 0x5, 4, 0) + body
