@@ -182,16 +182,22 @@ class FuseMapper(Mapper):
         point = mapping.details.get("mountpoint") or self.mountpoint(mapping.spec)
         image_file = os.path.join(point, mapping.spec.image)
         name = os.path.basename(mapping.device)
-        if any(n == name for n, _ro in loop_devices(self.sys_root).get(image_file, [])):
+        if self._holds(name, image_file):
             try:
                 process.run(["losetup", "--detach", mapping.device])
             except CommandError as exc:
                 raise MapperError("losetup --detach %s failed: %s" % (mapping.device, exc)) from None
-        # A detached loop device lets go of the file asynchronously; the mount
-        # stays while another loop (the other mode) still uses it.
+            # The kernel detaches when the last opener closes the device, which may be after
+            # losetup returns: until then the mount is still in use by this very loop.
+            retry_busy(lambda: not self._holds(name, image_file), self.config["timeouts.unmap"],
+                       mapping.device)
+        # The mount stays while another loop (the other mode) still uses it.
         if not loop_devices(self.sys_root).get(image_file) and point in self._mounts():
             self._unmount(point)
         log.info("fuse unmapped %s (%s)", mapping.device, mapping.spec)
+
+    def _holds(self, name, image_file):
+        return any(n == name for n, _ro in loop_devices(self.sys_root).get(image_file, []))
 
     def _unmount(self, point):
         def attempt():

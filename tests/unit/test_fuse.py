@@ -3,13 +3,15 @@ map/unmap through rbd-fuse + losetup against the test cluster at the end."""
 
 import os
 import re
+import threading
 
 import pytest
 
 from block_rbd import process
 from block_rbd.config import from_dict
-from block_rbd.errors import CommandError, MapperError
+from block_rbd.errors import CommandError, DeviceBusy, MapperError
 from block_rbd.mappers import fuse as fuse_mod
+from block_rbd.mappers.base import Mapping
 from block_rbd.mappers.fuse import FuseMapper, loop_devices, parse_mountinfo
 from block_rbd.target import ImageSpec
 
@@ -145,6 +147,45 @@ def test_a_crash_on_the_pool_option_names_the_mappers_that_work(tmp_path, sys_ro
 def test_unavailable_names_the_package(mapper, mocker, missing, reason):
     mocker.patch.object(fuse_mod.shutil, "which", side_effect=lambda tool: None if tool == missing else "/x")
     assert mapper.unavailable() == reason
+
+
+def _one_loop(tmp_path, timeout):
+    """A mapper whose sysfs has one loop (loop5) on rbd/vm1's file, mounted at its point."""
+    point = "/run/block-rbd/fuse/rbd%2Fvm1"
+    os.makedirs(tmp_path / "sys" / "block" / "loop5" / "loop")
+    (tmp_path / "sys" / "block" / "loop5" / "ro").write_text("0\n")
+    backing = tmp_path / "sys" / "block" / "loop5" / "loop" / "backing_file"
+    backing.write_text(point + "/vm1\n")
+    (tmp_path / "mountinfo").write_text(
+        "54 27 0:39 / %s rw,nosuid,nodev,relatime - fuse.rbd-fuse rbd-fuse rw\n" % point)
+    config = from_dict({"timeouts": {"unmap": timeout}})
+    mapper = FuseMapper(config, sys_root=str(tmp_path / "sys"), mountinfo=str(tmp_path / "mountinfo"))
+    mapping = Mapping("fuse", ImageSpec("rbd", "vm1"), False, "/dev/loop5",
+                      {"mountpoint": point, "file": point + "/vm1"})
+    return mapper, mapping, backing
+
+
+def test_unmap_unmounts_only_once_the_kernel_has_let_go_of_the_loop(tmp_path, mocker):
+    mapper, mapping, backing = _one_loop(tmp_path, 10)
+    calls = []
+
+    def run(argv, **kwargs):
+        calls.append((argv, backing.exists()))
+        if argv[0] == "losetup":  # detached when its last opener closes, a moment later
+            threading.Timer(0.2, backing.unlink).start()
+        return process.Result(argv, 0, "", "")
+    mocker.patch.object(process, "run", side_effect=run)
+    mapper.unmap(mapping)
+    assert calls == [(["losetup", "--detach", "/dev/loop5"], True),
+                     (["fusermount", "-u", "/run/block-rbd/fuse/rbd%2Fvm1"], False)]
+
+
+def test_unmap_of_a_loop_that_stays_attached_fails_and_keeps_the_mount(tmp_path, mocker):
+    mapper, mapping, _backing = _one_loop(tmp_path, 0.3)
+    run = mocker.patch.object(process, "run", return_value=process.Result([], 0, "", ""))
+    with pytest.raises(DeviceBusy, match="^/dev/loop5 is still in use after 0 s; close it"):
+        mapper.unmap(mapping)
+    assert [c.args[0] for c in run.call_args_list] == [["losetup", "--detach", "/dev/loop5"]]
 
 
 # ---- for real: rbd-fuse + losetup against the test cluster -------------------------------------
