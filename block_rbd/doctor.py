@@ -6,13 +6,12 @@ cluster, mappers, Xen, then this host's own records.
 """
 
 import os
-import shutil
 import stat
 import time
 
 from . import mappers
 from .cluster import Cluster, bindings, keyring_secret, translate
-from .errors import BlockRbdError
+from .errors import BlockRbdError, XenstoreError
 from .mappers.krbd import uses_msgr2
 
 OK, WARN, FAIL = "ok", "warn", "fail"
@@ -79,16 +78,19 @@ def check_mappers(config, cluster):
     return results
 
 
-def check_xen():
+def check_xen(xs=None):
     results = []
     script = "/etc/xen/scripts/block-rbd"
     if os.access(script, os.X_OK):
         results.append((OK, "%s is installed" % script))
     else:
         results.append((WARN, "%s is missing or not executable (make install)" % script))
-    for tool in ("xenstore-read", "xenstore-write", "xenstore-ls", "xenstore-rm"):
-        if not shutil.which(tool):
-            results.append((FAIL, "%s not found (apt-get install xen-utils-common or xenstore-utils)" % tool))
+    if xs is not None:
+        try:
+            xs.read_optional("/local/domain/0/name")
+            results.append((OK, "xenstored answers"))
+        except XenstoreError as exc:
+            results.append((FAIL, "%s (is xenstored running?)" % exc))
     try:
         with open("/proc/xen/capabilities") as handle:
             dom0 = "control_d" in handle.read()
@@ -120,6 +122,6 @@ def run(config, xs=None):
     with Cluster(config) as cluster:
         results += check_cluster(config, cluster)
         results += check_mappers(config, cluster)
-    results += check_xen()
+    results += check_xen(xs)
     results += check_records(config, xs)
     return results

@@ -23,7 +23,15 @@ class ConfigError(BlockRbdError):
 
 
 class XenstoreError(BlockRbdError):
-    """A xenstore tool failed."""
+    """xenstored could not be reached, or a request to it failed or timed out."""
+
+
+class XenstoreRefused(XenstoreError):
+    """xenstored answered a request with an error (ENOENT, EAGAIN, EACCES...): `code`."""
+
+    def __init__(self, code, what):
+        super().__init__("xenstore %s: %s" % (what, code))
+        self.code = code
 
 
 class CommandError(BlockRbdError):

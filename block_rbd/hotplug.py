@@ -287,6 +287,7 @@ def run(command, path, started=None, cluster=None, xs_env=None, own_logging=True
         # After the report, and only while there is time: shutting librados down can take
         # seconds on an overloaded dom0, and the process's exit frees it all the same.
         own_cluster.close()
+    xs.close()
     return 0 if message is None else 1
 
 

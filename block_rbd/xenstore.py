@@ -1,53 +1,100 @@
-"""xenstore through Xen's own command-line tools.
+"""xenstore over its wire protocol (xen/include/public/io/xs_wire.h), in-process.
 
-Debian ships no Python bindings for xenstore, and the tools are what every
-hotplug script uses.  Each method is one tool run; several keys written in one
-`xenstore-write` are one transaction (the tool wraps its work in one).
+Debian ships no Python bindings for xenstore.  The xenstore-* tools cost a process
+each, and under a boot storm on a loaded dom0 one of them took seconds; an add made
+five or six.  A run now holds one connection and sends the requests itself, to the
+same place libxenstore's xs_open() goes: $XENSTORED_PATH, else the daemon's socket
+($XENSTORED_RUNDIR, default /var/run/xenstored), else the kernel's xenbus device
+(xenstored in a stub domain).  Several keys written together are one transaction,
+retried on EAGAIN as xenstore-write does.
 """
 
-import re
+import errno
+import os
+import select
+import socket
+import stat
+import struct
+import threading
 
-from . import deadline, process
-from .errors import CommandError, XenstoreError
+from . import deadline
+from .errors import XenstoreError, XenstoreRefused
 
-# libxenstore's sanitise_value(): bytes outside ' '..'~' become \t \n \r \\,
-# \ooo (below 010) or \xhh; the value's bytes are UTF-8 text for us.
-_ESCAPE = re.compile(rb"\\(x[0-9a-fA-F]{2}|[0-7]{3}|.)", re.DOTALL)
-_NAMED = {b"t": b"\t", b"n": b"\n", b"r": b"\r", b"a": b"\a", b"b": b"\b", b"f": b"\f", b"v": b"\v",
-          b"\\": b"\\"}
-
-
-def unescape(text):
-    """Undo the tools' quoting of a value (`\\\\`, `\\n`, `\\ooo`, `\\xhh`...)."""
-    def one(match):
-        code = match.group(1)
-        if code[:1] == b"x" and len(code) == 3:
-            return bytes([int(code[1:], 16)])
-        if len(code) == 3:
-            return bytes([int(code, 8)])
-        return _NAMED.get(code, code)
-    return _ESCAPE.sub(one, text.encode("utf-8", "surrogateescape")).decode("utf-8", "replace")
+XS_DIRECTORY = 1
+XS_READ = 2
+XS_TRANSACTION_START = 6
+XS_TRANSACTION_END = 7
+XS_WRITE = 11
+XS_ERROR = 16
+XS_DIRECTORY_PART = 22
+HEADER = struct.Struct("=IIII")  # type, req_id, tx_id, len: host byte order, as xs_wire.h
+PAYLOAD_MAX = 4096
+COMMITS = 20  # EAGAIN: another writer changed what the transaction read (xenstore-write retries too)
 
 
-def parse_ls(output, prefix):
-    """Parse `xenstore-ls -f PREFIX` output into {relative key: value}."""
-    prefix = prefix.rstrip("/") + "/"
-    values = {}
-    for line in output.splitlines():
-        path, sep, rest = line.partition(' = "')
-        if not sep or not rest.endswith('"'):
-            continue
-        if path.startswith(prefix):
-            values[path[len(prefix):]] = unescape(rest[:-1])
-    return values
+def daemon_paths(env=None):
+    """Where libxenstore would connect, in its order: the daemon's socket, the xenbus device."""
+    env = os.environ if env is None else env
+    if env.get("XENSTORED_PATH"):
+        return [env["XENSTORED_PATH"]]
+    rundir = env.get("XENSTORED_RUNDIR") or "/var/run/xenstored"
+    return [os.path.join(rundir, "socket"), "/dev/xen/xenbus"]
+
+
+class _Link:
+    """One connection: a Unix socket to xenstored, or the xenbus device."""
+
+    def __init__(self, path, seconds):
+        self.path = path
+        self.sock = None
+        self.fd = None
+        if stat.S_ISSOCK(os.stat(path).st_mode):
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            self.sock.settimeout(seconds)
+            try:
+                self.sock.connect(path)
+            except OSError:
+                self.sock.close()
+                raise
+        else:
+            self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+
+    def send(self, data, seconds):
+        if self.sock is not None:
+            self.sock.settimeout(seconds)
+            self.sock.sendall(data)
+        elif os.write(self.fd, data) != len(data):  # the device takes a message in one write
+            raise OSError(errno.EIO, "short write to %s" % self.path)
+
+    def receive(self, size, seconds):
+        chunks, want = [], size
+        while want:
+            if self.sock is not None:
+                self.sock.settimeout(seconds)
+                chunk = self.sock.recv(want)
+            else:
+                if not select.select([self.fd], [], [], seconds)[0]:
+                    raise socket.timeout("timed out")
+                chunk = os.read(self.fd, want)
+            if not chunk:
+                raise OSError(errno.ECONNRESET, "xenstored closed the connection")
+            chunks.append(chunk)
+            want -= len(chunk)
+        return b"".join(chunks)
+
+    def close(self):
+        if self.sock is not None:
+            self.sock.close()
+        elif self.fd is not None:
+            os.close(self.fd)
 
 
 class Xenstore:
-    """The xenstore seam.  `env` points the tools elsewhere (tests).
+    """The xenstore seam.  `env` says where the daemon is (tests: XENSTORED_PATH).
 
-    A tool run may take what is left of the run's budget: a busy dom0 makes
-    them slow, not wrong.  `timeout` caps one run only where it is given
-    (outside a budget a wedged xenstored still ends in DEFAULT_TIMEOUT).
+    A request may take what is left of the run's budget: a busy dom0 makes xenstored
+    slow, not wrong.  `timeout` caps one request only where it is given (outside a
+    budget a wedged xenstored still ends in DEFAULT_TIMEOUT).
     """
 
     DEFAULT_TIMEOUT = 30
@@ -55,36 +102,155 @@ class Xenstore:
     def __init__(self, env=None, timeout=None):
         self.env = env
         self.timeout = timeout
+        # A connection per thread: the watchdog's report must not queue behind a request
+        # that hangs in the run's own thread.
+        self._links = {}
+        self._req = 0
+        self._lock = threading.Lock()
 
-    def _run(self, tool, *args, check=True):
+    def _limit(self, what):
+        return deadline.limit(self.timeout, self.DEFAULT_TIMEOUT, what)
+
+    def _connect(self, seconds):
+        problems = []
+        for path in daemon_paths(self.env):
+            try:
+                return _Link(path, seconds)
+            except OSError as exc:
+                problems.append("%s: %s" % (path, exc.strerror or exc))
+        raise XenstoreError("cannot reach xenstored (%s)" % "; ".join(problems))
+
+    def _request(self, mtype, payload, tx=0, what="xenstore"):
+        """The reply's payload; XenstoreError naming `what` and the daemon's error."""
+        seconds = self._limit(what)
+        me = threading.get_ident()
+        with self._lock:
+            link = self._links.get(me)
+            self._req = req = (self._req + 1) & 0xFFFFFFFF
         try:
-            return process.run([tool, *args], timeout=self._limit(tool), env=self.env, check=check)
-        except CommandError as exc:
-            raise XenstoreError(str(exc)) from None
+            if link is None:
+                link = self._connect(seconds)
+                with self._lock:
+                    self._links[me] = link
+            link.send(HEADER.pack(mtype, req, tx, len(payload)) + payload, seconds)
+            rtype, _req, _tx, size = HEADER.unpack(link.receive(HEADER.size, seconds))
+            if size > PAYLOAD_MAX:
+                raise OSError(errno.EPROTO, "a reply of %d bytes" % size)
+            body = link.receive(size, seconds) if size else b""
+        except (OSError, socket.timeout) as exc:
+            self._drop(me)  # a half-read reply would answer the next request
+            reason = "timed out after %.0f s" % seconds if isinstance(exc, socket.timeout) \
+                else (exc.strerror or str(exc))
+            raise XenstoreError("xenstore %s: %s" % (what, reason)) from None
+        if rtype == XS_ERROR:
+            raise XenstoreRefused(body.rstrip(b"\0").decode("ascii", "replace"), what)
+        return body
 
-    def _limit(self, tool):
-        return deadline.limit(self.timeout, self.DEFAULT_TIMEOUT, tool)
+    def _drop(self, thread):
+        with self._lock:
+            link = self._links.pop(thread, None)
+        if link is not None:
+            link.close()
+
+    def close(self):
+        """Close every thread's connection (a transaction left open is dropped with it)."""
+        with self._lock:
+            links, self._links = list(self._links.values()), {}
+        for link in links:
+            link.close()
+
+    @staticmethod
+    def _path(path):
+        return path.encode("utf-8") + b"\0"
 
     def read_optional(self, path):
         """The value at `path`, or None when it does not exist."""
-        result = self._run("xenstore-read", path, check=False)
-        if result.returncode != 0:
-            return None
-        return unescape(result.stdout.rstrip("\n"))
+        try:
+            value = self._request(XS_READ, self._path(path), what="read %s" % path)
+        except XenstoreRefused as exc:
+            if exc.code == "ENOENT":
+                return None
+            raise
+        return value.decode("utf-8", "replace")
+
+    def directory(self, path):
+        """The names of the children of `path`, in the daemon's order; None if it is missing."""
+        try:
+            try:
+                body = self._request(XS_DIRECTORY, self._path(path), what="directory %s" % path)
+            except XenstoreRefused as exc:
+                if exc.code != "E2BIG":
+                    raise
+                body = self._directory_parts(path)
+        except XenstoreRefused as exc:
+            if exc.code == "ENOENT":
+                return None
+            raise
+        return [name.decode("utf-8", "replace") for name in body.split(b"\0") if name]
+
+    def _directory_parts(self, path):
+        """XS_DIRECTORY_PART, as libxenstore reads a directory too long for one reply: each
+        part starts with the node's generation; a changed one means start again."""
+        for _attempt in range(COMMITS):
+            names, offset, generation = b"", 0, None
+            while True:
+                body = self._request(XS_DIRECTORY_PART, self._path(path) + b"%d\0" % offset,
+                                     what="directory %s" % path)
+                gen, _, part = body.partition(b"\0")
+                if generation is not None and gen != generation:
+                    break
+                generation = gen
+                if part in (b"", b"\0"):  # the end: an empty string
+                    return names
+                names += part[:-1] if part.endswith(b"\0\0") else part
+                offset = len(names)
+        raise XenstoreError("xenstore directory %s: it kept changing while read" % path)
 
     def ls(self, path):
-        """Every key below `path` as {relative path: value}; {} if `path` is missing."""
-        result = self._run("xenstore-ls", "-f", path, check=False)
-        if result.returncode != 0:
-            return {}
-        return parse_ls(result.stdout, path)
+        """Every node below `path` as {relative path: value}; {} if `path` is missing."""
+        values = {}
+        pending = [""]
+        while pending:
+            rel = pending.pop(0)
+            base = path.rstrip("/") + ("/" + rel if rel else "")
+            for name in self.directory(base) or []:
+                key = rel + "/" + name if rel else name
+                value = self.read_optional(base + "/" + name)
+                if value is None:
+                    continue  # removed while we walked
+                values[key] = value
+                pending.append(key)
+        return values
 
     def write(self, pairs):
         """Write {path: value} (ordered) in one transaction; values stored verbatim."""
-        args = []
-        for path, value in pairs.items():
-            args += [path, str(value)]
-        self._run("xenstore-write", "-R", *args)
+        for _attempt in range(COMMITS):
+            tx = int(self._request(XS_TRANSACTION_START, b"\0", what="transaction start").rstrip(b"\0"))
+            try:
+                for path, value in pairs.items():
+                    self._request(XS_WRITE, self._path(path) + str(value).encode("utf-8"), tx,
+                                  what="write %s" % path)
+            except XenstoreError:
+                self._end(tx, commit=False)
+                raise
+            try:
+                self._end(tx, commit=True)
+                return
+            except XenstoreRefused as exc:
+                if exc.code != "EAGAIN":
+                    raise
+        raise XenstoreError("xenstore write of %s: the transaction kept conflicting" % ", ".join(pairs))
+
+    def _end(self, tx, commit):
+        try:
+            self._request(XS_TRANSACTION_END, b"T\0" if commit else b"F\0", tx, what="transaction end")
+        except XenstoreRefused:
+            if commit:
+                raise
+        except XenstoreError:
+            if commit:
+                raise  # an abort that fails: the daemon drops the transaction with the connection
 
     def exists(self, path):
-        return self._run("xenstore-exists", path, check=False).returncode == 0
+        return self.read_optional(path) is not None
+

@@ -107,7 +107,7 @@ class RealXenstore:
         return self._tool("xenstore-exists", path).returncode == 0
 
     def tree(self, prefix="/"):
-        from block_rbd.xenstore import parse_ls
+        from xstools import parse_ls
         prefix = prefix if prefix.startswith("/") else "/local/domain/0/" + prefix
         result = self._tool("xenstore-ls", "-f", prefix)
         if result.returncode != 0:
