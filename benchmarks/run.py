@@ -20,6 +20,7 @@ BENCHMARKS = (
     ("bench_images.py", ["--quick", "--rounds", "2"], 900),
     ("access_soak.py", ["--rounds", "100", "--hosts", "4"], 600),
     ("boot_storm.py", ["--n", "16", "--mode", "both"], 900),
+    ("xenstore_access.py", ["--rounds", "20", "--concurrent", "16"], 120),
 )
 # Between the interrupt and SIGKILL: enough to stop a cluster and unmount.
 GRACE = 60
