@@ -1,6 +1,6 @@
 """The libxl hotplug contract: `block-rbd add|remove` with XENBUS_PATH set.
 
-add:    read the backend (one xenstore call) and the VM's uuid, attach, then
+add:    read the backend (one listing, on the run's xenstore connection) and the VM's uuid, attach, then
         write physical-device + physical-device-path (+ our private keys) in
         one transaction, then hotplug-status=connected.
 remove: undo what the backend's keys (or, after a killed add, its params)
