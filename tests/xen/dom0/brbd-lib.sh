@@ -94,6 +94,15 @@ brbd_wait_for() {
     done
 }
 
+# brbd_wait_log FILE PATTERN [TENTHS]: wait until a line of FILE matches PATTERN (grep)
+brbd_wait_log() {
+    _i=0
+    until grep -q -- "$2" "$1" 2>/dev/null; do
+        _i=$((_i+1)); [ $_i -gt ${3:-100} ] && return 1
+        sleep 0.1
+    done
+}
+
 # brbd_host ACTION ARGS...: have the host do ACTION (host.py's host_action, e.g.
 # osd-pause 20, restart-mon); prints the host's reply, fails unless it is "ok ..."
 brbd_host() {
