@@ -132,6 +132,7 @@ class LocalState:
         self.maps_dir = os.path.join(state_dir, "maps")
         self.locks_dir = os.path.join(state_dir, "locks")
         self.pending_dir = os.path.join(state_dir, "pending")
+        self.timeouts_dir = os.path.join(state_dir, "nbd-timeouts")
         self.lock_timeout = lock_timeout
 
     @contextlib.contextmanager
@@ -251,6 +252,31 @@ class LocalState:
                 names.update(record.holders)
         return names
 
+    # ---- request timeouts nbd devices have for a while (after a heal or a restart) ------
+    # On file, not in upkeep's memory: a restart-nbd run sets one that upkeep ends, and
+    # one outlives an upkeep restarted meanwhile.
+
+    def _timeout_path(self, device):
+        return os.path.join(self.timeouts_dir, os.path.basename(device) + ".json")
+
+    def set_request_timeout(self, device, cookie, image, until, after):
+        """`device` (served under `cookie`, of `image`) has a request timeout until `until`
+        (time.monotonic(), the same clock in every process) because of `after`."""
+        _write_json(self.timeouts_dir, self._timeout_path(device),
+                    {"device": device, "cookie": cookie, "image": image, "until": until, "after": after})
+
+    def request_timeout(self, device):
+        data = _read_json(self._timeout_path(device))
+        return data if _is_timeout(data) else None
+
+    def request_timeouts(self):
+        """Every such timeout on this host: [dict]."""
+        return [data for _path, data in _read_all(self.timeouts_dir) if _is_timeout(data)]
+
+    def drop_request_timeout(self, device):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._timeout_path(device))
+
     # ---- pending cluster-wide releases ---------------------------------------------
 
     def _pending_path(self, spec, holder):
@@ -276,6 +302,11 @@ class LocalState:
             except StateError as exc:
                 log.warning("%s", exc)
         return sorted(items, key=lambda p: (p.since, p.image, p.holder))
+
+
+def _is_timeout(data):
+    return (isinstance(data, dict) and all(isinstance(data.get(k), str) for k in ("device", "cookie", "image", "after"))
+            and isinstance(data.get("until"), (int, float)))
 
 
 def _read_json(path):

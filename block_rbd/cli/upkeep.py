@@ -19,7 +19,8 @@ def upkeep_cmd(obj, interval, once):
 @click.pass_obj
 def restart_nbd_cmd(obj):
     """Replace every rbd-nbd daemon of this host's disks, one at a time, without a
-    detach (after an upgrade of Ceph in dom0): guests see a pause, no I/O error."""
+    detach (after an upgrade of Ceph in dom0): guests see a pause, no I/O error.
+    Each device has a request timeout for 40 s after, which `block-rbd upkeep` ends."""
     from ..cluster import Cluster
     from ..mappers import nbd
     from ..registry import Registry

@@ -50,7 +50,9 @@ REATTACH_TIMEOUT = 30
 # on Linux 6.1 and 6.12 alike (3 of 4 gate runs).  So a heal gives the device a timeout
 # until the dead daemon's requests have timed out once (their 30 s tick), then none again:
 # a live daemon's request that outlasts a timeout is dropped with its connection, and a
-# disk must wait out a cluster outage, not lose its daemon to it.
+# disk must wait out a cluster outage, not lose its daemon to it.  A restart does the
+# same: a daemon that exits on SIGTERM shuts its socket before its last replies (a
+# guest's write waited 61 s after a restart in the gate, sent again on its timeout).
 HEAL_IO_TIMEOUT = 60  # longer than the window: no request sent after the heal times out
 HEAL_WINDOW = 40
 # The budget of one heal or restart of one device (an attach is a map's work).
@@ -534,38 +536,45 @@ def heal(config, cluster=None, registry=None, mapper=None):
                      record.device, record.image, pid, time.monotonic() - started)
             healed.append((record.device, pid))
             if not mapper.sets_timeout(record):
-                _resend_held(mapper, record)
+                _resend_held(mapper, record, state, "heal")
     return healed
 
 
-_timed = {}  # device -> (cookie, when the timeout its heal gave it ends)
-
-
-def _resend_held(mapper, record):
-    """Give a healed device HEAL_IO_TIMEOUT, so that what its dead daemon held is sent again."""
+def _resend_held(mapper, record, state, after):
+    """Give the device HEAL_IO_TIMEOUT for HEAL_WINDOW after a heal or a restart (`after`),
+    so that what its previous daemon held is sent again; upkeep ends it (end_heal_timeouts).
+    Called under the image's local lock."""
     try:
         mapper.set_timeout(record.device, HEAL_IO_TIMEOUT, record.cookie)
     except (OSError, HotplugTimeout) as exc:
-        log.error("upkeep: %s (%s): no request timeout set (%s): a request its dead daemon held may never "
-                  "complete", record.device, record.image, exc)
+        log.error("%s%s (%s): no request timeout set (%s): a request its %s daemon held may never complete",
+                  "upkeep: " if after == "heal" else "", record.device, record.image, exc,
+                  "dead" if after == "heal" else "old")
         return
-    _timed[record.device] = (record.cookie, time.monotonic() + HEAL_WINDOW)
+    state.set_request_timeout(record.device, record.cookie, record.image, time.monotonic() + HEAL_WINDOW, after)
 
 
 def end_heal_timeouts(config, mapper=None, now=None):
-    """Back to no request timeout, for each healed device whose window is over; [device]."""
+    """Back to no request timeout, for each device whose window after a heal or a restart
+    is over; [device].  Under the image's lock: one held (a run, a restart) waits a round."""
     now = time.monotonic() if now is None else now
-    due = [(d, c) for d, (c, until) in sorted(_timed.items()) if until <= now]
+    state = local_state(config)
+    due = [t for t in state.request_timeouts() if t["until"] <= now]
     if not due:
         return []
     mapper = mapper or NbdMapper(config)
     ended = []
-    for device, cookie in due:
-        if mapper.backend(device) == cookie:  # else disconnected, or another disk's by now
-            mapper.set_timeout(device, 0, cookie)  # an error: the next round tries again
-            log.info("upkeep: %s: the request timeout of its heal is over, none again", device)
-        del _timed[device]
-        ended.append(device)
+    for found in sorted(due, key=lambda t: t["device"]):
+        with state.lock(parse_spec(found["image"]), wait=False) as held:
+            timeout = state.request_timeout(found["device"]) if held else None
+            if timeout is None or timeout["until"] > now:  # taken meanwhile, or a restart moved it on
+                continue
+            device, cookie = timeout["device"], timeout["cookie"]
+            if mapper.backend(device) == cookie:  # else disconnected, or another disk's by now
+                mapper.set_timeout(device, 0, cookie)  # an error: the next round tries again
+                log.info("upkeep: %s: the request timeout of its %s is over, none again", device, timeout["after"])
+            state.drop_request_timeout(device)
+            ended.append(device)
     return ended
 
 
@@ -613,8 +622,9 @@ def follow_sizes(config, cluster, mapper=None):
 def restart(config, cluster, registry, mapper=None):
     """Replace every block-rbd nbd daemon, one device at a time (after an upgrade of Ceph
     in dom0); [(device, old pid, new pid)].  The old daemon exits cleanly (its lock and
-    watch go with it), the guest's I/O waits in the kernel meanwhile, and the
-    registrations name the new daemon after (Registry.rehome)."""
+    watch go with it), the guest's I/O waits in the kernel meanwhile, the device has a
+    heal's request timeout for a while (what the old daemon took last is sent again), and
+    the registrations name the new daemon after (Registry.rehome)."""
     state = local_state(config)
     mapper = mapper or NbdMapper(config)
     done = []
@@ -636,7 +646,10 @@ def restart(config, cluster, registry, mapper=None):
                                    give_up=lambda waited: MapperError(
                                        "rbd-nbd %d (%s) was still running %.0f s after SIGTERM"
                                        % (old, record.device, waited)))
-                return mapper.attach(record)
+                pid = mapper.attach(record)
+                if not mapper.sets_timeout(record):  # before the registrations: they may fail
+                    _resend_held(mapper, record, state, "restart")
+                return pid
             with deadline.budget(deadline.Deadline(ATTACH_BUDGET)):
                 if record.spec.snap:
                     new = replace()  # snapshots are not registered

@@ -867,7 +867,6 @@ def netlink(host, monkeypatch):
     """The kernel's nbd netlink family, for every test here: none talks to the real one."""
     fake = FakeNetlink(host)
     monkeypatch.setattr(nbd_mod.nbd_netlink, "Nbd", fake)
-    monkeypatch.setattr(nbd_mod, "_timed", {})
     return fake
 
 
@@ -892,7 +891,77 @@ def test_a_heal_gives_the_device_a_request_timeout_for_a_window_then_none(
         r.getMessage() for r in logged.records]
 
 
-def test_a_disk_with_its_own_request_timeout_keeps_it_through_a_heal(host, rbd_nbd, netlink):
+def test_a_restart_gives_the_device_the_same_window_and_upkeep_ends_it(
+        mapper, rbd_nbd, host, config, netlink, signals, mocker, logged):
+    """A daemon that exits on SIGTERM shuts its socket before its last replies: what it
+    took last is sent again on its timeout.  The window is on file: restart-nbd is a
+    process of its own, and upkeep (another) ends it."""
+    state = nbd_mod.local_state(config)
+    mapping = mapper.map(ImageSpec("rbd", "vm1"), False)
+    record_of(state, mapping)
+    cookie = mapping.details["cookie"]
+    registry = mocker.MagicMock()
+    registry.rehome.side_effect = lambda cluster, spec, holders, start, fence: start()
+    nbd_mod.restart(config, mocker.sentinel.cluster, registry, mapper)
+    assert netlink.calls == [(0, "timeout", nbd_mod.HEAL_IO_TIMEOUT, cookie)]
+    (timeout,) = state.request_timeouts()
+    assert (timeout["device"], timeout["cookie"], timeout["image"], timeout["after"]) == (
+        "/dev/nbd0", cookie, "rbd/vm1", "restart")
+    assert nbd_mod.end_heal_timeouts(config, mapper) == []  # within the window
+    assert nbd_mod.end_heal_timeouts(config, mapper, now=timeout["until"]) == ["/dev/nbd0"]
+    assert netlink.calls[-1] == (0, "timeout", 0, cookie) and state.request_timeouts() == []
+    assert "upkeep: /dev/nbd0: the request timeout of its restart is over, none again" in [
+        r.getMessage() for r in logged.records]
+
+
+def test_a_restart_within_a_heals_window_moves_its_end_on(mapper, rbd_nbd, host, config, netlink, signals,
+                                                          mocker):
+    state = nbd_mod.local_state(config)
+    mapping = mapper.map(ImageSpec("rbd", "vm1"), False)
+    record_of(state, mapping)
+    host.exit(mapper.serving("/dev/nbd0"))
+    nbd_mod.heal(config, mapper=mapper)
+    heal_ends = time.monotonic() + 10  # the heal was 30 s ago
+    state.set_request_timeout("/dev/nbd0", mapping.details["cookie"], "rbd/vm1", heal_ends, "heal")
+    registry = mocker.MagicMock()
+    registry.rehome.side_effect = lambda cluster, spec, holders, start, fence: start()
+    nbd_mod.restart(config, mocker.sentinel.cluster, registry, mapper)
+    (timeout,) = state.request_timeouts()
+    assert timeout["after"] == "restart" and timeout["until"] > heal_ends + 20
+    assert nbd_mod.end_heal_timeouts(config, mapper, now=heal_ends) == []
+    assert nbd_mod.end_heal_timeouts(config, mapper, now=timeout["until"]) == ["/dev/nbd0"]
+    assert [c[2] for c in netlink.calls] == [nbd_mod.HEAL_IO_TIMEOUT, nbd_mod.HEAL_IO_TIMEOUT, 0]
+
+
+def test_a_restart_whose_timeout_is_refused_says_so_in_one_line_and_stands(
+        mapper, rbd_nbd, host, config, netlink, signals, mocker, logged):
+    state = nbd_mod.local_state(config)
+    record_of(state, mapper.map(ImageSpec("rbd", "vm1"), False))
+    netlink.set_timeout = lambda index, seconds, backend: (_ for _ in ()).throw(OSError(errno.EPERM, "denied"))
+    registry = mocker.MagicMock()
+    registry.rehome.side_effect = lambda cluster, spec, holders, start, fence: start()
+    ((device, old, new),) = nbd_mod.restart(config, mocker.sentinel.cluster, registry, mapper)
+    assert new == mapper.serving("/dev/nbd0") != old
+    (line,) = [r.getMessage() for r in logged.records if r.levelname == "ERROR"]
+    assert line == ("/dev/nbd0 (rbd/vm1): no request timeout set ([Errno 1] denied): a request its old daemon "
+                    "held may never complete")
+    assert state.request_timeouts() == []
+
+
+def test_a_window_whose_image_is_locked_ends_in_a_later_round(mapper, rbd_nbd, host, config, netlink, slots):
+    state = nbd_mod.local_state(config)
+    record_of(state, mapper.map(ImageSpec("rbd", "vm1"), False))
+    host.exit(mapper.serving("/dev/nbd0"))
+    nbd_mod.heal(config, mapper=mapper)
+    (timeout,) = state.request_timeouts()
+    with slots.lock(ImageSpec("rbd", "vm1")):  # a hotplug run or a restart holds the image
+        assert nbd_mod.end_heal_timeouts(config, mapper, now=timeout["until"]) == []
+    assert len(netlink.calls) == 1
+    assert nbd_mod.end_heal_timeouts(config, mapper, now=timeout["until"]) == ["/dev/nbd0"]
+
+
+def test_a_disk_with_its_own_request_timeout_keeps_it_through_a_heal_and_a_restart(host, rbd_nbd, netlink,
+                                                                                    signals, mocker):
     config = from_dict({"ceph": {"conf": "/c", "id": "dom0a", "keyring": "/k"},
                         "nbd": {"options": ["io_timeout=120"]}})
     mapper = NbdMapper(config, sys_root=host.sys_root, proc_root=host.proc_root)
@@ -900,6 +969,10 @@ def test_a_disk_with_its_own_request_timeout_keeps_it_through_a_heal(host, rbd_n
     host.exit(mapper.serving("/dev/nbd0"))
     assert len(nbd_mod.heal(config, mapper=mapper)) == 1
     assert netlink.calls == [] and "--io-timeout" in rbd_nbd.calls[-1]
+    registry = mocker.MagicMock()
+    registry.rehome.side_effect = lambda cluster, spec, holders, start, fence: start()
+    nbd_mod.restart(config, mocker.sentinel.cluster, registry, mapper)  # nor through a restart
+    assert netlink.calls == [] and nbd_mod.local_state(config).request_timeouts() == []
 
 
 def test_a_refused_timeout_is_one_error_line_and_the_heal_stands(mapper, rbd_nbd, host, config, netlink, logged):

@@ -462,3 +462,16 @@ def test_slots_are_per_host_not_per_process(state):
         holder.join(10)
     with state.slot("nbd-map", 1):
         pass
+
+
+def test_request_timeouts_are_kept_per_device_and_what_is_not_one_is_left_out(state, tmp_path):
+    state.set_request_timeout("/dev/nbd0", "brbd-x", "rbd/vm1", 12.5, "heal")
+    state.set_request_timeout("/dev/nbd0", "brbd-x", "rbd/vm1", 40.0, "restart")  # one per device: replaced
+    with open(os.path.join(state.timeouts_dir, "nbd1.json"), "w") as handle:
+        json.dump({"device": "/dev/nbd1"}, handle)  # not one of ours (half, or a later layout)
+    assert state.request_timeouts() == [
+        {"device": "/dev/nbd0", "cookie": "brbd-x", "image": "rbd/vm1", "until": 40.0, "after": "restart"}]
+    assert state.request_timeout("/dev/nbd1") is None and state.request_timeout("/dev/nbd2") is None
+    state.drop_request_timeout("/dev/nbd0")
+    state.drop_request_timeout("/dev/nbd0")  # already gone: nothing to do
+    assert state.request_timeouts() == []
