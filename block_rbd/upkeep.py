@@ -8,7 +8,9 @@ Every round (2 s), from local files (the cluster only to fence a dead daemon):
 - a loop device on rbd-fuse whose image grew (`block-rbd resize` on any host)
   follows it;
 - a netlink nbd device of ours left with neither daemon nor record (a map given up
-  too late to undo in its run's budget) is disconnected.
+  too late to undo in its run's budget) is disconnected;
+- the request timeout a heal or `block-rbd restart-nbd` gave an nbd device ends
+  40 s after (on file under state_dir: a restart-nbd run sets it, upkeep ends it).
 Every SIZE_EVERY rounds, through the cluster: an nbd device whose image grew
 follows it (rbd-nbd 16.2's own netlink resize is refused by the kernel; krbd
 follows by itself).  One log line per recovery or change; none while all is well.
@@ -36,7 +38,7 @@ def once(config, cluster=None, sizes=False):
     steps = [("heal", lambda: nbd.heal(config, cluster, Registry(config) if cluster else None)),
              ("fuse sizes", lambda: attachments.follow_size(config, names=("fuse",))),
              ("nbd leftovers", lambda: nbd.sweep(config)),
-             ("nbd heal timeouts", lambda: nbd.end_heal_timeouts(config))]
+             ("nbd request timeouts", lambda: nbd.end_request_timeouts(config))]
     if sizes and cluster is not None:
         steps.append(("nbd sizes", lambda: nbd.follow_sizes(config, cluster)))
     for name, step in steps:

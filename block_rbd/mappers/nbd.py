@@ -542,7 +542,7 @@ def heal(config, cluster=None, registry=None, mapper=None):
 
 def _resend_held(mapper, record, state, after):
     """Give the device HEAL_IO_TIMEOUT for HEAL_WINDOW after a heal or a restart (`after`),
-    so that what its previous daemon held is sent again; upkeep ends it (end_heal_timeouts).
+    so that what its previous daemon held is sent again; upkeep ends it (end_request_timeouts).
     Called under the image's local lock."""
     try:
         mapper.set_timeout(record.device, HEAL_IO_TIMEOUT, record.cookie)
@@ -554,7 +554,7 @@ def _resend_held(mapper, record, state, after):
     state.set_request_timeout(record.device, record.cookie, record.image, time.monotonic() + HEAL_WINDOW, after)
 
 
-def end_heal_timeouts(config, mapper=None, now=None):
+def end_request_timeouts(config, mapper=None, now=None):
     """Back to no request timeout, for each device whose window after a heal or a restart
     is over; [device].  Under the image's lock: one held (a run, a restart) waits a round."""
     now = time.monotonic() if now is None else now

@@ -882,11 +882,11 @@ def test_a_heal_gives_the_device_a_request_timeout_for_a_window_then_none(
     host.exit(mapper.serving("/dev/nbd0"))
     assert len(nbd_mod.heal(config, mapper=mapper)) == 1
     assert netlink.calls == [(0, "timeout", nbd_mod.HEAL_IO_TIMEOUT, cookie)]
-    assert nbd_mod.end_heal_timeouts(config, mapper) == []  # within the window
+    assert nbd_mod.end_request_timeouts(config, mapper) == []  # within the window
     later = time.monotonic() + nbd_mod.HEAL_WINDOW + 1
-    assert nbd_mod.end_heal_timeouts(config, mapper, now=later) == ["/dev/nbd0"]
+    assert nbd_mod.end_request_timeouts(config, mapper, now=later) == ["/dev/nbd0"]
     assert netlink.calls[-1] == (0, "timeout", 0, cookie)
-    assert nbd_mod.end_heal_timeouts(config, mapper, now=later) == [] and len(netlink.calls) == 2
+    assert nbd_mod.end_request_timeouts(config, mapper, now=later) == [] and len(netlink.calls) == 2
     assert "upkeep: /dev/nbd0: the request timeout of its heal is over, none again" in [
         r.getMessage() for r in logged.records]
 
@@ -907,8 +907,8 @@ def test_a_restart_gives_the_device_the_same_window_and_upkeep_ends_it(
     (timeout,) = state.request_timeouts()
     assert (timeout["device"], timeout["cookie"], timeout["image"], timeout["after"]) == (
         "/dev/nbd0", cookie, "rbd/vm1", "restart")
-    assert nbd_mod.end_heal_timeouts(config, mapper) == []  # within the window
-    assert nbd_mod.end_heal_timeouts(config, mapper, now=timeout["until"]) == ["/dev/nbd0"]
+    assert nbd_mod.end_request_timeouts(config, mapper) == []  # within the window
+    assert nbd_mod.end_request_timeouts(config, mapper, now=timeout["until"]) == ["/dev/nbd0"]
     assert netlink.calls[-1] == (0, "timeout", 0, cookie) and state.request_timeouts() == []
     assert "upkeep: /dev/nbd0: the request timeout of its restart is over, none again" in [
         r.getMessage() for r in logged.records]
@@ -928,8 +928,8 @@ def test_a_restart_within_a_heals_window_moves_its_end_on(mapper, rbd_nbd, host,
     nbd_mod.restart(config, mocker.sentinel.cluster, registry, mapper)
     (timeout,) = state.request_timeouts()
     assert timeout["after"] == "restart" and timeout["until"] > heal_ends + 20
-    assert nbd_mod.end_heal_timeouts(config, mapper, now=heal_ends) == []
-    assert nbd_mod.end_heal_timeouts(config, mapper, now=timeout["until"]) == ["/dev/nbd0"]
+    assert nbd_mod.end_request_timeouts(config, mapper, now=heal_ends) == []
+    assert nbd_mod.end_request_timeouts(config, mapper, now=timeout["until"]) == ["/dev/nbd0"]
     assert [c[2] for c in netlink.calls] == [nbd_mod.HEAL_IO_TIMEOUT, nbd_mod.HEAL_IO_TIMEOUT, 0]
 
 
@@ -955,9 +955,9 @@ def test_a_window_whose_image_is_locked_ends_in_a_later_round(mapper, rbd_nbd, h
     nbd_mod.heal(config, mapper=mapper)
     (timeout,) = state.request_timeouts()
     with slots.lock(ImageSpec("rbd", "vm1")):  # a hotplug run or a restart holds the image
-        assert nbd_mod.end_heal_timeouts(config, mapper, now=timeout["until"]) == []
+        assert nbd_mod.end_request_timeouts(config, mapper, now=timeout["until"]) == []
     assert len(netlink.calls) == 1
-    assert nbd_mod.end_heal_timeouts(config, mapper, now=timeout["until"]) == ["/dev/nbd0"]
+    assert nbd_mod.end_request_timeouts(config, mapper, now=timeout["until"]) == ["/dev/nbd0"]
 
 
 def test_a_disk_with_its_own_request_timeout_keeps_it_through_a_heal_and_a_restart(host, rbd_nbd, netlink,
@@ -985,7 +985,7 @@ def test_a_refused_timeout_is_one_error_line_and_the_heal_stands(mapper, rbd_nbd
     (line,) = [r.getMessage() for r in logged.records if r.levelname == "ERROR"]
     assert line == ("upkeep: /dev/nbd0 (rbd/vm1): no request timeout set ([Errno 1] denied): a request its "
                     "dead daemon held may never complete")
-    assert nbd_mod.end_heal_timeouts(config, mapper, now=time.monotonic() + 3600) == []
+    assert nbd_mod.end_request_timeouts(config, mapper, now=time.monotonic() + 3600) == []
 
 
 def test_the_window_of_a_device_disconnected_meanwhile_ends_without_a_call(mapper, rbd_nbd, host, config, netlink):
@@ -994,7 +994,7 @@ def test_the_window_of_a_device_disconnected_meanwhile_ends_without_a_call(mappe
     host.exit(mapper.serving("/dev/nbd0"))
     nbd_mod.heal(config, mapper=mapper)
     host.disconnect("/dev/nbd0")
-    assert nbd_mod.end_heal_timeouts(config, mapper, now=time.monotonic() + 3600) == ["/dev/nbd0"]
+    assert nbd_mod.end_request_timeouts(config, mapper, now=time.monotonic() + 3600) == ["/dev/nbd0"]
     assert len(netlink.calls) == 1
 
 
