@@ -547,9 +547,9 @@ def _resend_held(mapper, record, state, after):
     try:
         mapper.set_timeout(record.device, HEAL_IO_TIMEOUT, record.cookie)
     except (OSError, HotplugTimeout) as exc:
+        prefix, previous = ("upkeep: ", "dead") if after == "heal" else ("", "old")  # restart-nbd's own line
         log.error("%s%s (%s): no request timeout set (%s): a request its %s daemon held may never complete",
-                  "upkeep: " if after == "heal" else "", record.device, record.image, exc,
-                  "dead" if after == "heal" else "old")
+                  prefix, record.device, record.image, exc, previous)
         return
     state.set_request_timeout(record.device, record.cookie, record.image, time.monotonic() + HEAL_WINDOW, after)
 
