@@ -89,11 +89,13 @@ install:
 	[ -e $(DESTDIR)$(CONFDIR)/block-rbd.yaml ] || install -m 0644 etc/block-rbd.yaml $(DESTDIR)$(CONFDIR)/block-rbd.yaml
 	install -d $(DESTDIR)$(UNITDIR)
 	install -m 0644 etc/systemd/*.socket etc/systemd/*.service etc/systemd/*.timer $(DESTDIR)$(UNITDIR)/
-	@echo "systemd dom0: systemctl daemon-reload && systemctl enable --now block-rbd.socket block-rbd-release-pending.timer block-rbd-upkeep.service"
+	install -d $(DESTDIR)$(UNITDIR)/xendomains.service.d
+	install -m 0644 etc/systemd/xendomains.service.d/block-rbd.conf $(DESTDIR)$(UNITDIR)/xendomains.service.d/
+	@echo "systemd dom0: systemctl daemon-reload && systemctl enable --now block-rbd.socket block-rbd-release-pending.timer block-rbd-release-pending.service block-rbd-upkeep.service"
 
 uninstall:
 	rm -rf $(DESTDIR)$(PYLIBDIR)/block_rbd $(DESTDIR)$(SCRIPTDIR)/block-rbd $(DESTDIR)/usr/local/sbin/block-rbd
-	rm -f $(addprefix $(DESTDIR)$(UNITDIR)/,$(notdir $(wildcard etc/systemd/*)))
+	rm -f $(addprefix $(DESTDIR)$(UNITDIR)/,$(notdir $(wildcard etc/systemd/*.*))) $(DESTDIR)$(UNITDIR)/xendomains.service.d/block-rbd.conf
 
 demo: deps
 	$(PYTHON) tools/demo.py

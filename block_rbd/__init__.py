@@ -1,3 +1,3 @@
 """block-rbd: Ceph RBD images as native Xen disks."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

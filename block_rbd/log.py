@@ -35,6 +35,17 @@ def set_context(where):
     _where.set((where + ": ") if where else "")
 
 
+def stderr_is_journal(environ=os.environ, fd=2):
+    """systemd connected our stderr to the journal (a unit's service, not a run libxl forked
+    from one: libxl sends a hotplug script's stderr to its own log)."""
+    try:
+        dev, ino = (int(x) for x in environ.get("JOURNAL_STREAM", "").split(":"))
+        st = os.fstat(fd)
+    except (ValueError, OSError):
+        return False
+    return (st.st_dev, st.st_ino) == (dev, ino)
+
+
 def setup(log_file=None, use_syslog=True, verbose=False, stderr_level=logging.WARNING):
     """Configure the block-rbd logger; safe to call more than once."""
     logger = logging.getLogger(LOGGER)
@@ -45,10 +56,12 @@ def setup(log_file=None, use_syslog=True, verbose=False, stderr_level=logging.WA
     logger.propagate = False
     logger.addFilter(_context)
 
-    stream = logging.StreamHandler(sys.stderr)
-    stream.setLevel(logging.DEBUG if verbose else stderr_level)
-    stream.setFormatter(logging.Formatter("block-rbd: %(where)s%(message)s"))
-    logger.addHandler(stream)
+    syslog = use_syslog and os.path.exists("/dev/log")
+    if not (syslog and stderr_is_journal()):  # the journal has each line once, from syslog
+        stream = logging.StreamHandler(sys.stderr)
+        stream.setLevel(logging.DEBUG if verbose else stderr_level)
+        stream.setFormatter(logging.Formatter("block-rbd: %(where)s%(message)s"))
+        logger.addHandler(stream)
 
     if log_file:
         try:
@@ -62,7 +75,7 @@ def setup(log_file=None, use_syslog=True, verbose=False, stderr_level=logging.WA
                 "%Y-%m-%dT%H:%M:%S"))
             logger.addHandler(handler)
 
-    if use_syslog and os.path.exists("/dev/log"):
+    if syslog:
         try:
             handler = logging.handlers.SysLogHandler(
                 "/dev/log", facility=logging.handlers.SysLogHandler.LOG_DAEMON)

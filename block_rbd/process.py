@@ -4,6 +4,12 @@ Argument lists only (never a shell), every call bounded by the run's budget
 (block_rbd.deadline) and by the caller's cap where it gives one, one log line per
 command, and output captured in temporary files rather than pipes: rbd-nbd and
 rbd-fuse fork daemons that inherit stdout, and a pipe would then never close.
+
+Under systemd (PID 1) such a daemon is started in a transient scope unit of its own
+(`systemd-run --scope`), named for the disk it serves: it then belongs to no
+block-rbd unit, so a stop, restart or crash of the service or of upkeep leaves it
+alone, and it is stopped at shutdown only after xendomains (its guests are gone by
+then) and before the network.
 """
 
 import logging
@@ -12,6 +18,7 @@ import re
 import subprocess
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass
 
 from . import deadline
@@ -28,6 +35,45 @@ DEFAULT_TIMEOUT = 120
 # A cephx secret is 40 base64 characters starting with AQ.  Refusing to run a
 # command that carries one keeps a coding mistake from reaching `ps`.
 _SECRET = re.compile(r"AQ[A-Za-z0-9+/]{36,}={0,2}")
+
+# sd_booted(): systemd is PID 1.
+SYSTEMD_RUNTIME = "/run/systemd/system"
+# A daemon's scope stops after the guests (xendomains stops them first) and before the
+# network and the cluster connection go.
+SCOPE_PROPERTIES = ("After=network-online.target", "Before=xendomains.service shutdown.target")
+_UNIT_CHAR = re.compile(r"[^A-Za-z0-9_.]")
+
+
+@dataclass(frozen=True)
+class Scope:
+    """The transient scope a daemon runs in under systemd: `block-rbd-KIND-IMAGE-ID.scope`,
+    described as serving that image, so `systemctl status` tells which disk it is."""
+
+    kind: str          # the daemon: "nbd", "fuse"
+    image: str         # the image it serves
+
+    def unit(self, unique=None):
+        name = _UNIT_CHAR.sub("-", self.image).strip("-")[:120] or "image"
+        return "block-rbd-%s-%s-%s.scope" % (self.kind, name, unique or uuid.uuid4().hex[:8])
+
+    @property
+    def description(self):
+        return "block-rbd: rbd-%s serving %s to Xen" % (self.kind, self.image)
+
+
+def under_systemd(runtime=SYSTEMD_RUNTIME):
+    return os.path.isdir(runtime)
+
+
+def scoped(argv, scope, runtime=SYSTEMD_RUNTIME, unique=None):
+    """argv, run in a transient scope of its own when systemd is PID 1 (else as it is)."""
+    if scope is None or not under_systemd(runtime):
+        return list(argv)
+    wrapper = ["systemd-run", "--scope", "--quiet", "--collect", "--unit=" + scope.unit(unique),
+               "--description=" + scope.description]
+    for prop in SCOPE_PROPERTIES:
+        wrapper += ["--property=" + prop]
+    return wrapper + ["--"] + list(argv)
 
 
 @dataclass
@@ -55,7 +101,7 @@ def last_line(text):
     return lines[-1] if lines else ""
 
 
-def run(argv, *, timeout=None, check=True, input=None, env=None, quiet=False):
+def run(argv, *, timeout=None, check=True, input=None, env=None, quiet=False, scope=None):
     """Run argv, return a Result.
 
     It may take what is left of the run's budget, and at most `timeout`
@@ -64,12 +110,15 @@ def run(argv, *, timeout=None, check=True, input=None, env=None, quiet=False):
     `input` (str) is fed on stdin: the channel for anything sensitive.
     With check=True a non-zero exit raises CommandError naming the command
     and the tool's own last line of stderr.
+    `scope` (a Scope): argv starts a daemon, which runs in a scope unit of its own
+    under systemd; errors still name the daemon's command.
     """
-    argv = [str(a) for a in argv]
-    for arg in argv:
+    shown = [str(a) for a in argv]  # what errors and log lines name: the command itself
+    for arg in shown:
         if _SECRET.search(arg):
-            raise CommandError("refusing to put a cephx secret on a command line: %s" % argv[0])
-    limit = deadline.limit(timeout, DEFAULT_TIMEOUT, what=argv[0])
+            raise CommandError("refusing to put a cephx secret on a command line: %s" % shown[0])
+    argv = scoped(shown, scope)
+    limit = deadline.limit(timeout, DEFAULT_TIMEOUT, what=shown[0])
     started = time.monotonic()
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         try:
@@ -91,7 +140,7 @@ def run(argv, *, timeout=None, check=True, input=None, env=None, quiet=False):
             proc.wait()
             why = "its cap" if timeout is not None and limit >= timeout else "the run's time budget"
             log.warning("timed out after %g s (%s): %s", round(limit, 1), why, " ".join(argv))
-            raise CommandError("%s timed out after %g s (%s)" % (" ".join(argv[:2]), round(limit, 1), why),
+            raise CommandError("%s timed out after %g s (%s)" % (" ".join(shown[:2]), round(limit, 1), why),
                                returncode=None) from None
         out.seek(0)
         err.seek(0)
@@ -102,6 +151,6 @@ def run(argv, *, timeout=None, check=True, input=None, env=None, quiet=False):
         log.debug("ran (%.3f s, rc=%d): %s", elapsed, result.returncode, " ".join(argv))
     if check and not result.ok:
         cause = last_line(result.stderr) or last_line(result.stdout) or "exit code %d" % result.returncode
-        raise CommandError("%s failed: %s" % (" ".join(argv[:2]), cause),
+        raise CommandError("%s failed: %s" % (" ".join(shown[:2]), cause),
                            returncode=result.returncode, stderr=result.stderr)
     return result

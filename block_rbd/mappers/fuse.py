@@ -146,7 +146,7 @@ class FuseMapper(Mapper):
             os.chmod(self.mount_dir, 0o700)
             os.makedirs(point, mode=0o700, exist_ok=True)
             try:
-                process.run(self.mount_argv(spec, point))
+                process.run(self.mount_argv(spec, point), scope=process.Scope("fuse", str(spec)))
             except CommandError as exc:
                 _rmdir(point)
                 if exc.returncode in CRASHES and (spec.pool != DEFAULT_POOL or spec.namespace):

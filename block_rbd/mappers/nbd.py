@@ -347,7 +347,7 @@ class NbdMapper(Mapper):
                     device = stack.enter_context(self._free_device(state))
                     if device:
                         argv += ["--device", device]
-                result = process.run(argv)
+                result = process.run(argv, scope=process.Scope("nbd", str(spec)))
         except CommandError as exc:
             raise MapperError("rbd-nbd map of %s failed: %s" % (spec, process.last_line(exc.stderr) or exc)) from None
         device = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ""
@@ -459,7 +459,7 @@ class NbdMapper(Mapper):
         """Start a new rbd-nbd daemon for the record's device; its pid."""
         try:
             with local_state(self.config).slot("nbd-map", MAP_SLOTS):
-                process.run(self.attach_argv(record))
+                process.run(self.attach_argv(record), scope=process.Scope("nbd", record.image))
         except CommandError as exc:
             raise MapperError("rbd-nbd attach of %s to %s failed: %s"
                               % (record.image, record.device, process.last_line(exc.stderr) or exc)) from None

@@ -169,13 +169,15 @@ class RbdNbd:
     def __init__(self, host):
         self.host = host
         self.calls = []
+        self.scopes = []  # the process.Scope of each call: every daemon gets one
         self.map_result = None  # None: succeed and print the device it connected
         self.netlink = True     # False: the kernel has no nbd netlink (rbd-nbd falls back to ioctl)
 
-    def __call__(self, argv, *, timeout=None, check=True, input=None, env=None, quiet=False):
+    def __call__(self, argv, *, timeout=None, check=True, input=None, env=None, quiet=False, scope=None):
         assert input is None and env is None
         argv = [str(a) for a in argv]
         self.calls.append(argv)
+        self.scopes.append(scope)
         if argv[:2] == ["rbd-nbd", "map"]:
             return self._map(argv, check)
         if argv[:2] == ["rbd-nbd", "attach"]:
@@ -748,6 +750,9 @@ def test_heal_attaches_a_new_daemon_to_a_device_whose_daemon_is_gone(mapper, rbd
     (healed,) = nbd_mod.heal(config, mapper=mapper)
     assert healed == ("/dev/nbd0", mapper.serving("/dev/nbd0"))
     assert rbd_nbd.calls[-1][:3] == ["rbd-nbd", "attach", "rbd/vm1"] and "--read-only" in rbd_nbd.calls[-1]
+    # each daemon in a scope unit of its own (under systemd), named for its image
+    assert rbd_nbd.scopes == [process.Scope("nbd", "rbd/vm1"), process.Scope("nbd", "rbd/vm2"),
+                              process.Scope("nbd", "rbd/vm1")]
     assert [m.device for m in mapper.mapped()] == ["/dev/nbd0", "/dev/nbd1"]
     line = [r.getMessage() for r in logged.records if "was gone" in r.getMessage()]
     assert len(line) == 1 and re.fullmatch(

@@ -186,3 +186,46 @@ def test_fix_path(env, expected):
 @pytest.mark.parametrize("text, line", [("", ""), (None, ""), ("a\nb\n\n  ", "b"), ("  only  ", "only")])
 def test_last_line_is_the_last_non_empty_line(text, line):
     assert process.last_line(text) == line
+
+
+# ---- daemons in scope units of their own under systemd ------------------------------------------
+
+def test_without_systemd_a_daemon_runs_as_it_is(tmp_path):
+    argv = ["rbd-nbd", "map", "rbd/vm1"]
+    assert process.scoped(argv, process.Scope("nbd", "rbd/vm1"), runtime=str(tmp_path / "none")) == argv
+
+
+def test_under_systemd_a_daemon_gets_a_scope_named_for_its_image(tmp_path):
+    (tmp_path / "system").mkdir()
+    argv = process.scoped(["rbd-nbd", "map", "rbd/tenant/vm-1.a"], process.Scope("nbd", "rbd/tenant/vm-1.a"),
+                          runtime=str(tmp_path / "system"), unique="0123abcd")
+    assert argv == ["systemd-run", "--scope", "--quiet", "--collect",
+                    "--unit=block-rbd-nbd-rbd-tenant-vm-1.a-0123abcd.scope",
+                    "--description=block-rbd: rbd-nbd serving rbd/tenant/vm-1.a to Xen",
+                    "--property=After=network-online.target",
+                    "--property=Before=xendomains.service shutdown.target",
+                    "--", "rbd-nbd", "map", "rbd/tenant/vm-1.a"]
+
+
+def test_a_scope_name_is_a_valid_unit_name_whatever_the_image_is_called():
+    unit = process.Scope("fuse", "rbd/-x y\\z@snap%").unit("ff")
+    assert unit == "block-rbd-fuse-rbd--x-y-z-snap-ff.scope"
+    assert process.Scope("nbd", "rbd/" + "a" * 300).unit("1").startswith("block-rbd-nbd-rbd-" + "a" * 100)
+    assert len(process.Scope("nbd", "rbd/" + "a" * 300).unit("1")) < 256  # systemd's limit
+
+
+def test_a_scoped_command_is_named_by_the_daemon_in_its_errors(tmp_path, monkeypatch):
+    """What runs is systemd-run; what a failure names is the daemon's own command."""
+    monkeypatch.setattr(process, "under_systemd", lambda runtime=None: True)
+    fake = tmp_path / "systemd-run"
+    fake.write_text("#!/bin/sh\necho 'rbd-nbd: the cause' >&2\nexit 4\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", "%s:%s" % (tmp_path, os.environ["PATH"]))
+    with pytest.raises(CommandError, match="^rbd-nbd map failed: rbd-nbd: the cause$"):
+        process.run(["rbd-nbd", "map", "rbd/vm1"], scope=process.Scope("nbd", "rbd/vm1"), timeout=10)
+
+
+def test_a_secret_is_refused_before_any_scope_is_made(tmp_path, monkeypatch):
+    monkeypatch.setattr(process, "under_systemd", lambda runtime=None: True)
+    with pytest.raises(CommandError, match="^refusing to put a cephx secret on a command line: rbd-nbd$"):
+        process.run(["rbd-nbd", SECRET], scope=process.Scope("nbd", "rbd/vm1"), timeout=10)
