@@ -29,7 +29,7 @@ def host_config(cluster, tmp, name, user, keyring):
     from block_rbd import config as config_mod
     return config_mod.from_dict({
         "ceph": {"conf": cluster.conf, "id": user, "keyring": keyring}, "pool": cluster.pool,
-        "host": name, "state_dir": os.path.join(tmp, name, "state"),
+        "host": name, "state_dir": os.path.join(tmp, name, "state"), "ledger_dir": os.path.join(tmp, name, "ledger"),
         "log": {"file": None, "syslog": False}})
 
 

@@ -46,9 +46,10 @@ class Bench:
     def write_config(self, mapper):
         with open(self.config_path, "w") as handle:
             handle.write("ceph: {conf: %s, id: %s, keyring: %s}\nmapper: %s\nstate_dir: %s\n"
-                         "fuse: {mount_dir: %s}\nlog: {file: %s, syslog: false}\n"
+                         "ledger_dir: %s\nfuse: {mount_dir: %s}\nlog: {file: %s, syslog: false}\n"
                          % (self.cluster.conf, self.cluster.user, self.cluster.user_keyring, mapper,
-                            os.path.join(self.work, "state"), os.path.join(self.work, "fuse"),
+                            os.path.join(self.work, "state"), os.path.join(self.work, "ledger"),
+                            os.path.join(self.work, "fuse"),
                             os.path.join(self.work, "hotplug.log")))
         self.env["BLOCK_RBD_CONFIG"] = self.config_path
         return config_mod.load(self.config_path)

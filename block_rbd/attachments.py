@@ -50,10 +50,12 @@ def attach(config, cluster, target, request, registry, publish=None, failing=Non
         state.save(record)
         registered = False
         try:
+            if not spec.snap:
+                state.note_registered(spec, request.holder)  # on disk first: a power loss may follow
             token = registry.acquire(cluster, spec, request, state.holders_of_image(spec))
             registered = True
             # Our key now holds the new registration: an older release of it is moot.
-            state.release_done(spec, request.holder)
+            state.pending_moot(spec, request.holder)
             mapping = _map(config, cluster, target, requested, read_only, record)
             record.mapped_by(mapping)
             state.save(record)
@@ -135,6 +137,8 @@ def _options(config, mapper_name, read_only, target):
 def _drop(config, cluster, state, spec, read_only, holder, registry):
     """Undo a partial attach (under the image's lock); report, never mask, a failure."""
     try:
+        if registry is None:
+            state.forget_registered(spec, holder)  # nothing of it reached Ceph
         _let_go(config, cluster, state, spec, read_only, holder, registry)
     except BlockRbdError as exc:
         log.error("cleanup after a failed attach of %s left something behind: %s", spec, exc)
@@ -149,6 +153,7 @@ def _let_go(config, cluster, state, spec, read_only, holder, registry):
     record = state.load(spec, read_only)
     if registry is not None and not spec.snap:
         state.pend_release(spec, holder)
+        state.forget_registered(spec, holder)  # the pending release names it now
     done = "nothing to do"
     if record is not None and record.drop(holder):
         if record.holders:

@@ -52,6 +52,7 @@ SCHEMA = {
     "mapper": ("auto", lambda v: v in ("auto", "krbd", "nbd", "fuse"), "auto, krbd, nbd or fuse"),
     "host": (None, _opt_str, "this dom0's name in the cluster"),
     "state_dir": ("/run/block-rbd", lambda v: isinstance(v, str) and v.startswith("/"), "an absolute path"),
+    "ledger_dir": ("/var/lib/block-rbd", lambda v: isinstance(v, str) and v.startswith("/"), "an absolute path"),
     "timeouts.connect": (5, _positive, "seconds > 0"),
     "timeouts.op": (5, _positive, "seconds > 0"),
     "timeouts.map": (20, _positive, "seconds > 0"),

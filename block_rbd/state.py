@@ -12,13 +12,18 @@ mapping, so a `remove` after a SIGKILLed `add` still knows what to undo.
 A PendingRelease is a cluster-wide registration this host has let go of
 locally but could not yet delete in Ceph (cluster down, run killed): written
 before the cluster call, deleted after it, completed by the next run that
-reaches the cluster.  Records carry a version; an older one is migrated on
+reaches the cluster.  Every registration this host makes is also noted, with the
+boot it was made in, before it is written to Ceph: after a power loss these
+notes of an earlier boot are pending releases too.  Both live in the ledger
+(ledger_dir, on disk: they must outlive a reboot), the rest under state_dir
+(tmpfs, like the mappings it describes).  Records carry a version; an older one is migrated on
 read, a newer one is refused rather than misread (version 3 added the rbd-nbd
 cookie and map options; 2 dropped the request kept per holder).
 """
 
 import contextlib
 import fcntl
+import functools
 import json
 import logging
 import os
@@ -128,11 +133,15 @@ def _opt_str(value):
 
 
 class LocalState:
-    def __init__(self, state_dir, lock_timeout=10.0):
+    def __init__(self, state_dir, lock_timeout=10.0, ledger_dir=None):
         self.maps_dir = os.path.join(state_dir, "maps")
         self.locks_dir = os.path.join(state_dir, "locks")
-        self.pending_dir = os.path.join(state_dir, "pending")
         self.timeouts_dir = os.path.join(state_dir, "nbd-timeouts")
+        ledger_dir = ledger_dir or state_dir
+        self.pending_dir = os.path.join(ledger_dir, "pending")
+        self.registered_dir = os.path.join(ledger_dir, "registered")
+        # block-rbd before 0.2 kept pending releases under state_dir: still read, and finished
+        self.old_pending_dirs = [d for d in [os.path.join(state_dir, "pending")] if d != self.pending_dir]
         self.lock_timeout = lock_timeout
 
     @contextlib.contextmanager
@@ -277,31 +286,71 @@ class LocalState:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._timeout_path(device))
 
-    # ---- pending cluster-wide releases ---------------------------------------------
+    # ---- the ledger: registrations made, cluster-wide releases still to do -----------
+
+    def _name(self, directory, spec, holder):
+        return os.path.join(directory, "%s.%s.json" % (spec.head().key, urllib.parse.quote(holder, safe="")))
 
     def _pending_path(self, spec, holder):
-        return os.path.join(self.pending_dir, "%s.%s.json" % (spec.head().key, urllib.parse.quote(holder, safe="")))
+        return self._name(self.pending_dir, spec, holder)
+
+    def note_registered(self, spec, holder):
+        """Before `holder`'s registration on spec goes to Ceph: on disk, with this boot's id."""
+        _write_json(self.registered_dir, self._name(self.registered_dir, spec, holder),
+                    {"image": str(spec.head()), "holder": holder, "since": time.time(), "boot": boot_id(),
+                     "version": RECORD_VERSION}, durable=True)
+
+    def forget_registered(self, spec, holder):
+        """The note goes: the registration was never made, or a pending release names it now."""
+        _unlink(self._name(self.registered_dir, spec, holder))
+
+    def _earlier_boot(self, spec, holder):
+        try:
+            data = _read_json(self._name(self.registered_dir, spec, holder))
+        except ValueError:
+            return False  # pending() says what is wrong with it
+        return isinstance(data, dict) and data.get("boot") != boot_id()
 
     def pend_release(self, spec, holder, reason=""):
         item = PendingRelease(str(spec.head()), holder, time.time(), reason)
-        _write_json(self.pending_dir, self._pending_path(spec, holder), item.to_json())
+        _write_json(self.pending_dir, self._pending_path(spec, holder), item.to_json(), durable=True)
+
+    def pending_moot(self, spec, holder):
+        """`holder`'s key holds a new registration: an older release of it is moot."""
+        for directory in [self.pending_dir] + self.old_pending_dirs:
+            _unlink(self._name(directory, spec, holder))
 
     def release_done(self, spec, holder):
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self._pending_path(spec, holder))
+        self.pending_moot(spec, holder)
+        self.forget_registered(spec, holder)
 
     def is_pending(self, spec, holder):
-        return os.path.exists(self._pending_path(spec, holder))
+        return (any(os.path.exists(self._name(d, spec, holder)) for d in [self.pending_dir] + self.old_pending_dirs)
+                or self._earlier_boot(spec, holder))
 
     def pending(self):
-        """Every release still to do in Ceph, oldest first."""
-        items = []
-        for path, data in _read_all(self.pending_dir):
+        """Every release still to do in Ceph, oldest first: the pending ones, and the
+        registrations an earlier boot made and never released (it lost power)."""
+        items = {}
+        for directory in self.old_pending_dirs + [self.pending_dir]:
+            for path, data in _read_all(directory):
+                try:
+                    item = PendingRelease.from_json(data, path)
+                except (StateError, KeyError, TypeError, ValueError) as exc:
+                    log.warning("%s: not a pending release, left as it is (%s)", path, exc)
+                    continue
+                items[(item.image, item.holder)] = item
+        now = boot_id()
+        for path, data in _read_all(self.registered_dir):
             try:
-                items.append(PendingRelease.from_json(data, path))
-            except StateError as exc:
-                log.warning("%s", exc)
-        return sorted(items, key=lambda p: (p.since, p.image, p.holder))
+                if data["boot"] == now or (data["image"], data["holder"]) in items:
+                    continue
+                items[(data["image"], data["holder"])] = PendingRelease(
+                    data["image"], data["holder"], float(data["since"]),
+                    "registered in an earlier boot of this host, never released (power loss?)")
+            except (KeyError, TypeError, ValueError) as exc:
+                log.warning("%s: not a registration note, left as it is (%s)", path, exc)
+        return sorted(items.values(), key=lambda p: (p.since, p.image, p.holder))
 
 
 def _is_timeout(data):
@@ -317,12 +366,41 @@ def _read_json(path):
         return None
 
 
-def _write_json(directory, path, data):
+def _write_json(directory, path, data, durable=False):
+    """Write `path` whole (readers never see half of it); `durable`: on disk before
+    returning, the rename too, whatever power loss follows."""
     os.makedirs(directory, mode=0o700, exist_ok=True)
     tmp = "%s.%d.%d.tmp" % (path, os.getpid(), threading.get_ident())
     with open(tmp, "w") as handle:
         json.dump(data, handle, sort_keys=True)
+        if durable:
+            handle.flush()
+            os.fsync(handle.fileno())
     os.replace(tmp, path)
+    if durable:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _unlink(path):
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+_BOOT_ID = "/proc/sys/kernel/random/boot_id"
+
+
+@functools.lru_cache(maxsize=None)
+def boot_id(path=_BOOT_ID):
+    """This boot's id (the kernel's): a registration noted under another was made before a reboot."""
+    try:
+        with open(path) as handle:
+            return handle.read().strip()
+    except OSError:
+        return ""
 
 
 def _read_all(directory):
@@ -346,4 +424,4 @@ def _read_all(directory):
 
 def local_state(config):
     """This host's block-rbd state as the configuration places it."""
-    return LocalState(config["state_dir"], config["timeouts.lock"])
+    return LocalState(config["state_dir"], config["timeouts.lock"], config["ledger_dir"])

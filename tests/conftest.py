@@ -222,6 +222,7 @@ def write_config(path, cluster, tmp, **overrides):
         "mapper": TEST_MAPPER,
         "host": "testhost",
         "state_dir": os.path.join(tmp, "state"),
+        "ledger_dir": os.path.join(tmp, "ledger"),
         "fuse": {"mount_dir": os.path.join(tmp, "fuse")},
         "log": {"file": os.path.join(tmp, "xen-hotplug.log"), "syslog": False},
         "timeouts": {"connect": 5, "op": 5, "map": 10, "unmap": 10},

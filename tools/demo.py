@@ -68,9 +68,10 @@ def main():
         with open(config, "w") as handle:
             handle.write("ceph: {conf: %s, id: %s, keyring: %s}\n" % (cluster.conf, cluster.user,
                                                                      cluster.user_keyring))
-            handle.write("pool: %s\nstate_dir: %s\nfuse: {mount_dir: %s}\n"
+            handle.write("pool: %s\nstate_dir: %s\nledger_dir: %s\nfuse: {mount_dir: %s}\n"
                          "log: {file: %s, syslog: false}\n"
-                         % (cluster.pool, os.path.join(work, "state"), os.path.join(work, "fuse"),
+                         % (cluster.pool, os.path.join(work, "state"), os.path.join(work, "ledger"),
+                            os.path.join(work, "fuse"),
                             os.path.join(work, "xen-hotplug.log")))
         env["BLOCK_RBD_CONFIG"] = config
 

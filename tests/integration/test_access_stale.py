@@ -136,3 +136,43 @@ def _write(device, data, offset):
         return exc.strerror
     finally:
         os.close(fd)
+
+
+def test_a_host_back_from_a_power_loss_releases_its_earlier_boots_registrations(
+        three_hosts, libxl, ceph_cluster, make_image, rbd_admin):
+    """Power lost with a guest attached: the mapping client dies, the tmpfs records go, the
+    registration stays in Ceph.  The ledger on disk noted it with its boot, so once the
+    host is back its boot unit's `release-pending` drops it: no fencing, no break-lock,
+    and another host then attaches `w` at once."""
+    import json
+    from conftest import reap_fuse_mounts
+
+    h1, h2, _h3 = three_hosts
+    image = make_image()
+    _path1, addr, _pid = _holder(h1, ceph_cluster, image, rbd_admin, 5)
+    config = h1.config()
+    (note,) = [os.path.join(config["ledger_dir"], "registered", n)
+               for n in os.listdir(os.path.join(config["ledger_dir"], "registered"))]
+    with open(note) as handle:
+        noted = json.load(handle)
+    with open("/proc/sys/kernel/random/boot_id") as handle:
+        assert noted["boot"] == handle.read().strip() and noted["image"] == "%s/%s" % (ceph_cluster.pool, image)
+    # The power goes: the client dies, and so does everything under state_dir (tmpfs) ...
+    reap_fuse_mounts(config["fuse.mount_dir"], kill_all=True)
+    import shutil
+    shutil.rmtree(config["state_dir"])
+    # ... and the host boots again: the note is of an earlier boot now.
+    noted["boot"] = "0" * 32
+    with open(note, "w") as handle:
+        json.dump(noted, handle)
+    released = h1.cli("release-pending")
+    assert released.returncode == 0, released.stderr
+    assert released.stdout == "released %s/%s by %s\n" % (ceph_cluster.pool, image, _path1)
+    assert _locks(h2, image) == [] and not _blocklisted(ceph_cluster, addr)
+    assert os.listdir(os.path.join(config["ledger_dir"], "registered")) == []
+    # A dom0 takes longer to boot than the OSDs keep a dead client's watch (~30 s).
+    wait_watcher_gone(rbd_admin[1], image, addr)
+    path2 = h2.backend(image, domid=6)
+    result = h2.add(path2)
+    assert result.returncode == 0, result.stderr
+    assert h2.remove(path2).returncode == 0

@@ -27,8 +27,9 @@ def setup(tmp_path, monkeypatch, xenstored):
     """A config with a private log file, and a backend directory as libxl writes it."""
     log = tmp_path / "xen-hotplug.log"
     cfg = tmp_path / "block-rbd.yaml"
-    cfg.write_text("pool: rbd\nmapper: fuse\nhost: testhost\nstate_dir: %s\nlog: {file: %s, syslog: false}\n"
-                   "timeouts: {hotplug: 20}\n" % (tmp_path / "state", log))
+    cfg.write_text("pool: rbd\nmapper: fuse\nhost: testhost\nstate_dir: %s\nledger_dir: %s\n"
+                   "log: {file: %s, syslog: false}\ntimeouts: {hotplug: 20}\n"
+                   % (tmp_path / "state", tmp_path / "ledger", log))
     monkeypatch.setenv("BLOCK_RBD_CONFIG", str(cfg))
     for key, value in (("params", "rbd:vm1"), ("mode", "w"), ("frontend-id", "5")):
         xenstored.write("%s/%s" % (FULL, key), value)

@@ -475,3 +475,84 @@ def test_request_timeouts_are_kept_per_device_and_what_is_not_one_is_left_out(st
     state.drop_request_timeout("/dev/nbd0")
     state.drop_request_timeout("/dev/nbd0")  # already gone: nothing to do
     assert state.request_timeouts() == []
+
+
+# ---- the ledger: what must outlive a reboot or a power loss -----------------------------------
+
+@pytest.fixture
+def ledger(tmp_path):
+    return LocalState(str(tmp_path / "run"), lock_timeout=0.5, ledger_dir=str(tmp_path / "lib"))
+
+
+def _earlier_boot(monkeypatch, boot):
+    monkeypatch.setattr(state_mod, "boot_id", lambda: boot)
+
+
+def test_pending_releases_and_notes_live_in_the_ledger_the_rest_under_state_dir(ledger, tmp_path):
+    ledger.note_registered(SPEC, BACKEND)
+    ledger.pend_release(SPEC, "manual")
+    ledger.save(MapRecord("rbd/vm1", False))
+    assert sorted(os.listdir(tmp_path / "lib")) == ["pending", "registered"]
+    assert sorted(os.listdir(tmp_path / "run")) == ["maps"]
+    assert os.stat(ledger.registered_dir).st_mode & 0o777 == 0o700
+
+
+def test_a_registration_of_this_boot_is_not_pending(ledger):
+    ledger.note_registered(SPEC, BACKEND)
+    assert ledger.pending() == [] and not ledger.is_pending(SPEC, BACKEND)
+
+
+def test_after_a_power_loss_the_earlier_boots_registrations_are_pending(ledger, monkeypatch):
+    _earlier_boot(monkeypatch, "boot-1")
+    ledger.note_registered(SPEC, BACKEND)
+    ledger.note_registered(ImageSpec("rbd", "vm2"), "manual")
+    _earlier_boot(monkeypatch, "boot-2")
+    items = ledger.pending()
+    assert [(p.image, p.holder) for p in items] == [("rbd/vm1", BACKEND), ("rbd/vm2", "manual")]
+    assert items[0].reason == "registered in an earlier boot of this host, never released (power loss?)"
+    assert ledger.is_pending(SPEC, BACKEND)
+    ledger.release_done(SPEC, BACKEND)  # released in Ceph: the note goes
+    assert [(p.image, p.holder) for p in ledger.pending()] == [("rbd/vm2", "manual")]
+    assert not ledger.is_pending(SPEC, BACKEND)
+
+
+def test_a_new_registration_of_the_key_makes_an_older_release_moot_but_keeps_its_note(ledger, monkeypatch):
+    ledger.pend_release(SPEC, BACKEND)
+    ledger.note_registered(SPEC, BACKEND)
+    ledger.pending_moot(SPEC, BACKEND)
+    assert ledger.pending() == []
+    _earlier_boot(monkeypatch, "later")
+    assert [p.holder for p in ledger.pending()] == [BACKEND]  # the new one, should this boot end unreleased
+
+
+def test_a_release_that_was_pending_already_is_listed_once(ledger, monkeypatch):
+    _earlier_boot(monkeypatch, "boot-1")
+    ledger.note_registered(SPEC, BACKEND)
+    ledger.pend_release(SPEC, BACKEND, "cluster down")
+    _earlier_boot(monkeypatch, "boot-2")
+    assert [(p.holder, p.reason) for p in ledger.pending()] == [(BACKEND, "cluster down")]
+
+
+def test_pending_releases_an_older_block_rbd_kept_under_state_dir_are_finished_too(ledger, tmp_path):
+    old = LocalState(str(tmp_path / "run"))  # 0.1: pending under state_dir
+    old.pend_release(SPEC, BACKEND)
+    assert [p.holder for p in ledger.pending()] == [BACKEND] and ledger.is_pending(SPEC, BACKEND)
+    ledger.release_done(SPEC, BACKEND)
+    assert ledger.pending() == [] and old.pending() == []
+
+
+def test_a_corrupt_note_is_named_and_left_alone(ledger, caplog):
+    os.makedirs(ledger.registered_dir)
+    with open(os.path.join(ledger.registered_dir, "junk.json"), "w") as handle:
+        json.dump({"image": "rbd/vm1"}, handle)
+    with open(os.path.join(ledger.registered_dir, "rbd.vm1.x.json"), "w") as handle:
+        handle.write("{")
+    assert ledger.pending() == []
+    assert any("junk.json: not a registration note, left as it is" in r.getMessage() for r in caplog.records)
+
+
+def test_the_boot_id_is_the_kernels(tmp_path):
+    path = tmp_path / "boot_id"
+    path.write_text("0f8f7e6d-aaaa-bbbb-cccc-111122223333\n")
+    assert state_mod.boot_id.__wrapped__(str(path)) == "0f8f7e6d-aaaa-bbbb-cccc-111122223333"
+    assert state_mod.boot_id.__wrapped__(str(tmp_path / "none")) == ""

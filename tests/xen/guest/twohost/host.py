@@ -162,7 +162,8 @@ class Run:
         """rbd devices, connected nbd devices, block-rbd records and pending releases of dom0 m."""
         out = self.sh(m, "for d in /sys/bus/rbd/devices/*; do [ -e \"$d\" ] && echo rbd${d##*/}; done; "
                          "for p in /sys/block/nbd*/pid; do [ -e \"$p\" ] && echo ${p%/pid}; done; "
-                         "for r in /run/block-rbd/maps/*.json /run/block-rbd/pending/*.json; do "
+                         "for r in /run/block-rbd/maps/*.json /var/lib/block-rbd/pending/*.json "
+                         "/var/lib/block-rbd/registered/*.json; do "
                          "[ -e \"$r\" ] && echo $r; done; true")["out"]
         return out.split()
 
