@@ -9,8 +9,8 @@ thread with its shared connection.  When nothing answers in time the script
 does the run itself, so a run behaves the same with or without the service.
 
 It never holds the guests' disks: mappings live in the kernel, in rbd-nbd and
-rbd-fuse daemons and in the records under state_dir, all of which outlive a
-stop or crash of the service (its systemd unit uses KillMode=process).
+rbd-fuse daemons (each in a scope unit of its own under systemd) and in the
+records under state_dir, all of which outlive a stop or crash of the service.
 
 Wire protocol (PROTOCOL), fields separated by NUL, messages by newline:
   script:  "block-rbd" PROTOCOL command path started config xenstored

@@ -57,6 +57,8 @@ def test_the_package_holds_the_script_the_command_and_the_conffile(deb):
         "./etc/xen/scripts/block-rbd", "->", "/usr/sbin/block-rbd"]
     assert "./usr/share/man/man8/block-rbd.8.gz" in entries
     assert "./lib/systemd/system/block-rbd.socket" in entries
+    assert "./lib/systemd/system/xendomains.service.d/block-rbd.conf" in entries
+    assert entries["./var/lib/block-rbd/"].startswith("drwxr-xr-x")
     ctrl = run(["dpkg-deb", "--ctrl-tarfile", deb])
     assert ctrl.returncode == 0
     conffiles = run(["dpkg-deb", "-I", deb, "conffiles"]).stdout.split()
@@ -66,6 +68,19 @@ def test_the_package_holds_the_script_the_command_and_the_conffile(deb):
     assert {"python3-rados", "python3-rbd", "python3-click", "python3-yaml"} <= set(depends)
     assert f["Recommends"] == "rbd-nbd" and f["Suggests"].startswith("rbd-fuse")
     assert f["Architecture"] == "all" and f["Version"] == __version__
+
+
+def test_no_unit_lets_guests_daemons_escape_its_lifecycle(deb, tmp_path):
+    """The daemons run in scopes of their own: no unit needs KillMode=process, and
+    xendomains stops before the network."""
+    run(["dpkg-deb", "-x", deb, str(tmp_path)])
+    units = tmp_path / "lib/systemd/system"
+    for unit in units.iterdir():
+        if unit.is_file():
+            assert "KillMode" not in unit.read_text(), unit.name
+    dropin = (units / "xendomains.service.d/block-rbd.conf").read_text()
+    assert "\nAfter=network-online.target remote-fs.target block-rbd.socket" in dropin
+    assert "Before=xendomains.service" in (units / "block-rbd-release-pending.service").read_text()
 
 
 def test_the_man_page_is_the_command_lines_help(deb, tmp_path):
@@ -103,8 +118,9 @@ def test_installs_on_a_plain_root_with_dpkg_and_apt(deb, suite, tmp_path):
     probe = inside("python3", "-c", "import rados, rbd, block_rbd.hotplug; print(rbd.RBD().version())")
     assert probe.returncode == 0, probe.stdout
     assert inside("test", "-f", "/etc/xen/block-rbd.yaml").returncode == 0
+    assert inside("test", "-d", "/var/lib/block-rbd").returncode == 0
     purged = inside("apt-get", "purge", "-y", "-q", "block-rbd")
     assert purged.returncode == 0, purged.stdout[-2000:]
     for gone in ("/etc/xen/block-rbd.yaml", "/etc/xen/scripts/block-rbd", "/usr/sbin/block-rbd",
-                 "/usr/lib/python3/dist-packages/block_rbd"):
+                 "/usr/lib/python3/dist-packages/block_rbd", "/var/lib/block-rbd"):
         assert inside("test", "-e", gone).returncode == 1, gone
