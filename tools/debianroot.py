@@ -39,6 +39,14 @@ DEFAULT_SUITE = "trixie"
 ROOT_FORMAT = 1
 KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
 SOURCES = "/etc/apt/sources.list.d/debian.sources"
+# A systemd dom0's packages, both releases (the Xen ones and fuse differ per release).
+SYSDOM0 = ["systemd", "systemd-sysv", "udev", "dbus", "linux-image-amd64", "initramfs-tools",
+           "xen-utils-common", "xenstore-utils", "ceph-common", "rbd-nbd", "rbd-fuse",
+           "python3", "python3-rados", "python3-rbd", "python3-click", "python3-yaml",
+           "ifupdown", "iproute2", "iputils-ping", "procps", "kmod", "util-linux", "mount",
+           "e2fsprogs",
+           # ceph-common's snappy compressor plugin needs it (only Recommended)
+           "libsnappy1v5"]
 # What the Ceph test cluster and the host-side suite need inside the root.
 PACKAGES = {
     # plain roots: what a fresh install has, for installing the .deb as a user would
@@ -53,6 +61,11 @@ PACKAGES = {
                     "grub-xen-host", "e2fsprogs",
                     # ceph-common's snappy compressor plugin needs it (only Recommended)
                     "libsnappy1v5"],
+    # a real (systemd) Xen dom0 booted from a disk image (tests/xen/sysdom0.py); its
+    # kernel is also the PV guests'.  The python3-* bindings are block-rbd's Depends, so
+    # its .deb installs offline later.
+    "bookworm-sysdom0": ["xen-hypervisor-4.17-amd64", "xen-utils-4.17"] + SYSDOM0 + ["fuse"],
+    "trixie-sysdom0": ["xen-hypervisor-4.20-amd64", "xen-utils-4.20"] + SYSDOM0 + ["fuse3"],
     "trixie": ["python3", "python3-rados", "python3-rbd", "python3-click", "python3-yaml",
                "python3-pytest", "python3-pytest-mock", "ceph-mon", "ceph-mgr", "ceph-osd",
                "ceph-common", "rbd-fuse", "rbd-nbd", "fuse3", "xenstore-utils",

@@ -15,6 +15,11 @@ there (busybox sh available, /usr/lib/brbd/brbd-lib.sh has helpers); a `rootfs/`
 overlaid onto dom0's / (e.g. rootfs/etc/xen/scripts/dummy).  The program prints
 `BRBD-RESULT <name> PASS|FAIL|SKIP <seconds> <detail>` lines and leaves files in
 /brbd/out/, which come back in <rundir>/out/.
+
+A host.py with BOOT = "systemd" gets a real Debian dom0 booted from a disk instead
+(tests/xen/sysdom0.py): the harness prepares each machine's disk and its drive(ctx)
+boots, reboots and cuts the power itself (SystemdContext: ctx.boot, ctx.wait_down,
+ctx.power_cut, ctx.poweroff, ctx.serial, ctx.disk, ctx.journal).
 """
 
 import argparse
@@ -462,6 +467,8 @@ class Harness:
                         self.images.append((name, int(size)))
         self.hooks = load_host_hooks(self.program)
         self.machines = machines_of(getattr(self.hooks, "MACHINES", None))
+        # "systemd": a Debian dom0 booted from a disk, each boot started by drive(ctx)
+        self.boot_mode = getattr(self.hooks, "BOOT", None)
         self.smp = max(1, int(os.environ.get("BLOCK_RBD_XEN_SMP") or getattr(self.hooks, "QEMU_SMP", SMP)))
         self.ns = None
         self.cluster = None
@@ -506,6 +513,8 @@ class Harness:
         old_term = signal.signal(signal.SIGTERM, _raise_exit)
         timings = {}
         try:
+            if self.boot_mode == "systemd":
+                return self._run_systemd(t_start, timings)
             t0 = time.time()
             boot = build_dom0.build(self.checkout, stack=self.stack)
             timings["build"] = round(time.time() - t0, 2)
@@ -723,6 +732,166 @@ class Harness:
         return seen
 
 
+SYSTEMD_DOM0_ARGS = "root=/dev/vda ro console=hvc0 net.ifnames=0 loglevel=4"
+POWEROFF_GRACE = 90  # seconds a dom0 gets for `systemctl poweroff` at the run's end
+
+
+def program_files(program_dir):
+    """{dom0 path: (bytes, mode)} of a program directory: its files under /brbd/run/, its
+    rootfs/ overlaid onto / (what build_run_cpio puts into an initrd)."""
+    files = {}
+    if not program_dir:
+        return files
+    for top, dest in ((program_dir, "/brbd/run"), (os.path.join(program_dir, "rootfs"), "")):
+        for dirpath, dirnames, filenames in os.walk(top):
+            rel = os.path.relpath(dirpath, top)
+            dirnames[:] = sorted(d for d in dirnames if d != "__pycache__"
+                                 and not (top == program_dir and rel == "." and d == "rootfs"))
+            for name in sorted(filenames):
+                full = os.path.join(dirpath, name)
+                if os.path.islink(full) or not os.path.isfile(full):
+                    continue
+                with open(full, "rb") as fh:
+                    files[os.path.normpath(os.path.join(dest + "/", rel, name))] = (
+                        fh.read(), os.stat(full).st_mode & 0o777)
+    return files
+
+
+def config_text(config):
+    """/brbd/config: one sh assignment a line."""
+    return "".join(f"{k}={shell_quote(str(v))}\n" for k, v in sorted(config.items()))
+
+
+def machine_identity(m):
+    """Files that make the shared image machine m's: its address (ifupdown, the agent)
+    and its own machine id."""
+    import sysdom0
+    files = {"/etc/network/interfaces": (sysdom0.interfaces(m.addr, PREFIX).encode(), 0o644),
+             "/etc/machine-id": (sysdom0.machine_id(m.name).encode(), 0o444)}
+    if m.addr != sysdom0.ADDR:
+        files["/etc/systemd/system/brbd-agent.service.d/address.conf"] = (
+            sysdom0.agent_dropin(m.addr).encode(), 0o644)
+    return files
+
+
+def systemd_summary(machines, drive, drive_error):
+    """The run's parsed facts in the shape the other modes give (test_xen reads them the
+    same way): no archive in this mode (the journal stays on each disk), `done` when
+    drive(ctx) returned, qemu_rc 0 when every boot's QEMU ended by itself with 0."""
+    rcs = {m.name: [b.get("rc") for b in m.boots] for m in machines}
+    # a power cut's SIGKILL is the program's own doing, not QEMU's failure
+    clean = all(b.get("rc") == 0 or b.get("cut") for m in machines for b in m.boots) and not drive_error
+    return {"results": list(drive or []), "stages": {}, "begun": {}, "archive_ok": True,
+            "done": drive is not None and not drive_error,
+            "boot_fail": [f"{m.name}: boot {b['n']}: {b['fail']}" for m in machines
+                          for b in m.boots if b.get("fail")],
+            "qemu_rc": 0 if clean else rcs,
+            "machines": {m.name: {"stages": {}, "disk": m.disk, "boots": m.boots} for m in machines}}
+
+
+def _systemd_run(self, t_start, timings):
+    """BOOT = "systemd": the program's drive(ctx) boots, reboots and cuts the power of
+    each machine; the harness builds the image and the disks and cleans up."""
+    import sysdom0
+    self.t_start = t_start
+    t0 = time.time()
+    image = sysdom0.build(self.stack)
+    timings["build"] = round(time.time() - t0, 2)
+    self.workdir = os.path.abspath(self.keep) if self.keep else tempfile.mkdtemp(prefix="brbd-xen-")
+    os.makedirs(self.workdir, exist_ok=True)
+    self.ns = Namespace([m.tap for m in self.machines])
+    self.ns.create()
+    config = {"BRBD_IP": DOM0_ADDR, "BRBD_PREFIX": PREFIX, "BRBD_HOST": HOST_ADDR,
+              "BRBD_TIMEOUT": max(60, self.timeout - 120), "BRBD_NIC": self.nic,
+              "BRBD_HAVE_CLUSTER": 0, "BRBD_ONLY": os.environ.get("BLOCK_RBD_XEN_ONLY", ""),
+              "BRBD_STACK": self.stack, "BRBD_BOOT": "systemd", **self.settings}
+    files = {}
+    for m in self.machines:
+        m.config = {"BRBD_IP": m.addr, "BRBD_MACHINE": m.name,
+                    "BRBD_PEERS": " ".join(o.addr for o in self.machines if o is not m)}
+        m.files = {}
+        m.boots = []
+        m.disk = os.path.join(self.workdir, f"disk-{m.name or 'dom0'}.raw")
+    ctx = SystemdContext(self, image, config, files)
+    if self.use_cluster:
+        self.cluster = Cluster(self.ns, self.workdir, self.cluster_suite)
+        if not self.cluster.available():
+            raise RuntimeError("tools/testcluster.py not present")
+        t0 = time.time()
+        config.update(self._cluster_files(self.cluster.start(), files))
+        timings["cluster"] = round(time.time() - t0, 2)
+        if hasattr(self.hooks, "host_action"):
+            self.control = Control(self.ns, self.hooks, ctx)
+            config["BRBD_CONTROL"] = f"{HOST_ADDR} {CONTROL_PORT}"
+    if hasattr(self.hooks, "prepare"):
+        t0 = time.time()
+        self.hooks.prepare(ctx)
+        timings["prepare"] = round(time.time() - t0, 2)
+    t0 = time.time()
+    for m in self.machines:
+        mine = dict(program_files(self.program), **files)
+        mine.update(machine_identity(m))
+        mine["/brbd/config"] = (config_text(dict(config, **m.config)).encode(), 0o644)
+        mine.update(m.files)
+        secs = sysdom0.prepare_disk(image, m.disk, mine, debs=ctx.debs)
+        log(f"disk {m.disk} ready in {secs:.1f}s" + (f" (+{len(ctx.debs)} .deb)" if ctx.debs else ""))
+    timings["disks"] = round(time.time() - t0, 2)
+
+    # drive(ctx) in a thread of its own: the run's timeout still holds if it hangs
+    t0 = time.time()
+    done, error = {}, None
+
+    def drive():
+        try:
+            done["results"] = self.hooks.drive(ctx)
+        except Exception as exc:  # the scenarios it did not report fail
+            done["error"] = f"{type(exc).__name__}: {exc}"
+    driver = threading.Thread(target=drive, daemon=True)
+    driver.start()
+    driver.join(timeout=self.timeout)
+    if driver.is_alive():
+        log(f"drive(ctx) still running after {self.timeout}s: cutting every machine's power")
+        for m in self.machines:
+            ctx.power_cut(m.name)
+        driver.join(timeout=60)
+        error = f"timeout: drive(ctx) ran past {self.timeout}s"
+    error = error or done.get("error")
+    results = done.get("results")
+    if error:
+        log(f"drive failed: {error}")
+        results = list(results or []) + [{"name": "host-drive", "status": "FAIL", "seconds": 0.0,
+                                           "detail": error}]
+    timings["drive"] = round(time.time() - t0, 2)
+    for m in self.machines:
+        ctx.shutdown(m.name)
+    if self.control:
+        self.control.close()
+    parsed = systemd_summary(self.machines, results, error)
+    if self.cluster is not None and hasattr(self.hooks, "verify"):
+        t0 = time.time()
+        try:
+            self.hooks.verify(ctx, parsed)
+        except Exception as exc:  # a broken check is a failure, not a crash
+            parsed["results"].append({"name": "host-verify", "status": "FAIL",
+                                      "seconds": 0.0, "detail": repr(exc)})
+        timings["verify"] = round(time.time() - t0, 2)
+    timings["total"] = round(time.time() - t_start, 2)
+    last = self.machines[0].boots[-1]["serial"] if self.machines[0].boots else None
+    summary = {"timings": timings, "workdir": self.workdir, "serial": last,
+               "build": image, **parsed,
+               "host_actions": self.control.actions if self.control else []}
+    with open(os.path.join(self.workdir, "summary.json"), "w") as fh:
+        json.dump(summary, fh, indent=1)
+    return summary
+
+
+Harness._run_systemd = _systemd_run
+
+
+class BootFailed(RuntimeError):
+    pass
+
+
 class Agent:
     """A machine's dom0 agent (tests/xen/dom0/brbd-agent), reached from the host."""
 
@@ -838,6 +1007,172 @@ class HostContext:
                 return
         parsed["results"].append({"name": name, "status": "PASS" if ok else "FAIL",
                                   "seconds": 0.0, "detail": "host: " + detail})
+
+
+class SystemdContext(HostContext):
+    """ctx of a BOOT = "systemd" program: the harness's HostContext, and the machines'
+    power under the program's control.  ctx.image is sysdom0.build()'s info (xen, kernel,
+    initrd, image, root, versions); ctx.debs (set in prepare) go into every disk by apt."""
+
+    def __init__(self, harness, image, config, files):
+        # not HostContext.__init__: its `boot` attribute (the initrd build) is a method here
+        self.harness = harness
+        self.image = image
+        self.config = config
+        self.files = files
+        self.debs = []
+        self.workdir = harness.workdir
+
+    @property
+    def info(self):  # the cluster starts after this context is made
+        c = self.harness.cluster
+        return (c.info if c else None) or {}
+
+    @property
+    def pool(self):
+        return self.info.get("pool", "rbd")
+
+    def _qemu_argv(self, m, serial):
+        h, img = self.harness, self.image
+        for p in (img["kernel"], img["initrd"], m.disk):
+            if "," in p:
+                raise RuntimeError(f"path with a comma cannot go to QEMU: {p}")
+        # as the initrd modes' QEMU (niced TCG, the same NIC on the machine's tap), with
+        # the machine's disk as /dev/vda; -no-reboot: a dom0 reboot ends QEMU too
+        return h.ns.exec_argv([
+            "nice", "-n", str(QEMU_NICE), "qemu-system-x86_64", "-machine", "pc,accel=tcg", "-cpu",
+            os.environ.get("BLOCK_RBD_XEN_CPU") or getattr(h.hooks, "QEMU_CPU", CPU), "-m", "2048",
+            "-smp", str(h.smp), "-nographic", "-no-reboot", "-monitor", "none",
+            "-serial", f"file:{serial}",
+            "-kernel", img["xen"], "-append", XEN_ARGS % h.smp,
+            "-initrd", f"{img['kernel']} {SYSTEMD_DOM0_ARGS},{img['initrd']}",
+            # cache=unsafe: dom0's flushes cost no host fsync (a killed QEMU loses nothing
+            # it wrote; only a host crash would, and the disk is the run's own)
+            "-drive", f"file={m.disk},if=virtio,format=raw,cache=unsafe",
+            "-netdev", f"tap,id=n0,ifname={m.tap},script=no,downscript=no",
+            "-device", f"e1000,netdev=n0,mac={m.mac}" if h.nic == "e1000"
+            else f"virtio-net-pci,netdev=n0,mac={m.mac}",
+        ])
+
+    def _ended(self, m):
+        """Note a boot's end once its QEMU is gone."""
+        b = m.boots[-1] if m.boots else None
+        if b is not None and "rc" not in b and m.qemu is not None and m.qemu.poll() is not None:
+            b["rc"] = m.qemu.returncode
+            b["ended"] = round(time.time() - b["t0"], 2)
+            b["qlog"].close()
+            del b["qlog"]
+
+    def running(self, name):
+        m = self.harness.machine(name)
+        return m.qemu is not None and m.qemu.poll() is None
+
+    def boot(self, name, timeout=420):
+        """Start machine `name`'s QEMU on its disk; seconds from QEMU's start until its
+        agent answers.  BootFailed if QEMU ends first or `timeout` passes."""
+        m = self.harness.machine(name)
+        if self.running(name):
+            raise BootFailed(f"machine {name}: already running")
+        n = len(m.boots) + 1
+        serial = os.path.join(self.workdir, f"serial-{name or 'dom0'}-{n}.log")
+        argv = self._qemu_argv(m, serial)
+        with open(os.path.join(self.workdir, f"qemu-{name or 'dom0'}-{n}.cmd"), "w") as fh:
+            fh.write(json.dumps(argv) + "\n")
+        qlog = open(os.path.join(self.workdir, f"qemu-{name or 'dom0'}-{n}.log"), "wb")
+        log(f"booting {name or 'dom0'} ({n}) from {m.disk}, serial -> {serial}")
+        t0 = time.time()
+        b = {"n": n, "serial": serial, "started": round(t0 - self.harness.t_start, 2), "t0": t0,
+             "qlog": qlog}
+        m.boots.append(b)
+        m.qemu = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=qlog,
+                                  stderr=subprocess.STDOUT, start_new_session=True)
+        agent = self.agent(name)
+        ok = agent.wait_ready(timeout)
+        self._ended(m)
+        if not ok:
+            why = (f"QEMU ended (rc {b['rc']})" if "rc" in b else f"no agent within {timeout}s")
+            b["fail"] = why
+            self.power_cut(name)
+            tail = " | ".join(self.serial(name).strip().splitlines()[-3:])
+            raise BootFailed(f"machine {name}: {why} (serial {serial} ends: {tail[-300:]})")
+        b["ready"] = round(time.time() - t0, 2)
+        log(f"{name or 'dom0'} ({n}): agent answering after {b['ready']:.1f}s")
+        return b["ready"]
+
+    def wait_down(self, name, timeout, since=None):
+        """Seconds until machine `name`'s QEMU ended by itself (poweroff or reboot in
+        dom0), counted from `since` (a time.time()) or from now; None after `timeout`."""
+        m = self.harness.machine(name)
+        t0 = since or time.time()
+        if m.qemu is None:
+            return 0.0
+        try:
+            m.qemu.wait(timeout=max(0.0, timeout - (time.time() - t0)))
+        except subprocess.TimeoutExpired:
+            return None
+        self._ended(m)
+        m.boots[-1]["down"] = round(time.time() - t0, 2)
+        return m.boots[-1]["down"]
+
+    def power_cut(self, name):
+        """Kill machine `name`'s QEMU at once (a power loss: what dom0 had not yet written
+        to its disk is lost; what QEMU had written is in the host's page cache and stays)."""
+        m = self.harness.machine(name)
+        if m.qemu is None or m.qemu.poll() is not None:
+            self._ended(m)
+            return
+        try:
+            os.killpg(m.qemu.pid, signal.SIGCONT)  # a frozen one too
+            os.killpg(m.qemu.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        m.qemu.wait(timeout=30)
+        m.boots[-1]["cut"] = True
+        self._ended(m)
+
+    def poweroff(self, name, timeout=POWEROFF_GRACE, verb="poweroff"):
+        """`systemctl VERB` in dom0 (poweroff or reboot: either ends QEMU); seconds until
+        QEMU exited, None if it did not within `timeout`."""
+        t0 = time.time()
+        try:
+            self.agent(name).sh(f"systemctl --no-block {verb}", timeout=20)
+        except (OSError, RuntimeError, ValueError) as exc:
+            log(f"{name}: systemctl {verb}: {exc}")
+        return self.wait_down(name, timeout, since=t0)
+
+    def reboot(self, name, timeout=POWEROFF_GRACE):
+        return self.poweroff(name, timeout, verb="reboot")
+
+    def shutdown(self, name):
+        """The run's end: a machine still up is powered off, killed if it will not go."""
+        if not self.running(name):
+            self._ended(self.harness.machine(name))
+            return
+        log(f"{name or 'dom0'} still running at the end: systemctl poweroff")
+        if self.poweroff(name) is None:
+            log(f"{name or 'dom0'}: no poweroff within {POWEROFF_GRACE}s: killing QEMU")
+            self.power_cut(name)
+
+    def serial(self, name):
+        """The current (or last) boot's serial console text."""
+        m = self.harness.machine(name)
+        if not m.boots:
+            return ""
+        try:
+            with open(m.boots[-1]["serial"], "rb") as fh:
+                return fh.read().decode("utf-8", "replace")
+        except FileNotFoundError:
+            return ""
+
+    def disk(self, name):
+        return self.harness.machine(name).disk
+
+    def journal(self, name, identifier=None, args=()):
+        """The journal on machine `name`'s disk (its QEMU must have ended)."""
+        import sysdom0
+        if self.running(name):
+            raise RuntimeError(f"machine {name} is running: its disk is in use")
+        return sysdom0.read_journal(self.disk(name), identifier, root=self.image["root"], args=args)
 
 
 def _raise_exit(signum, frame):

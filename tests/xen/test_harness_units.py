@@ -237,3 +237,99 @@ def test_runs_go_side_by_side_as_far_as_the_cpus_allow(monkeypatch, tmp_path):
     for r in runs:
         r.done.wait(30)
     assert seen == [("twohost-p1", []), ("gate-p1", []), ("gate-p2", ["gate-p1"])]
+
+
+# ---------------------------------------------------------------- BOOT = "systemd"
+import sysdom0  # noqa: E402
+
+
+def test_program_files_mirror_the_initrd_layout(tmp_path):
+    """A systemd dom0's disk gets a program's files where the initrd modes put them."""
+    (tmp_path / "rootfs" / "etc" / "xen").mkdir(parents=True)
+    (tmp_path / "rootfs" / "etc" / "xen" / "x.cfg").write_text("x")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "a").write_text("a")
+    (tmp_path / "main").write_text("#!/bin/sh\n")
+    os.chmod(tmp_path / "main", 0o755)
+    (tmp_path / "__pycache__").mkdir()
+    (tmp_path / "__pycache__" / "h.pyc").write_bytes(b"")
+    files = harness.program_files(str(tmp_path))
+    assert files == {"/brbd/run/main": (b"#!/bin/sh\n", 0o755), "/brbd/run/sub/a": (b"a", 0o644),
+                     "/etc/xen/x.cfg": (b"x", 0o644)}
+    assert harness.program_files(None) == {}
+
+
+def test_config_text_is_sh():
+    assert harness.config_text({"B": "it's", "A": 1}) == "A='1'\nB='it'\\''s'\n"
+
+
+def test_machine_identity_addresses_the_agent():
+    first, second = harness.machines_of(["a", "b"])
+    one = harness.machine_identity(first)
+    assert "address 10.250.250.2/24" in one["/etc/network/interfaces"][0].decode()
+    assert not any("brbd-agent.service.d" in p for p in one)  # the image's own address
+    two = harness.machine_identity(second)
+    assert "address 10.250.250.3/24" in two["/etc/network/interfaces"][0].decode()
+    dropin = two["/etc/systemd/system/brbd-agent.service.d/address.conf"][0].decode()
+    assert "BRBD_IP=10.250.250.3" in dropin and "ExecStart=\n" in dropin
+    assert one["/etc/machine-id"] != two["/etc/machine-id"]
+    assert len(one["/etc/machine-id"][0].strip()) == 32
+
+
+def test_systemd_summary_shape():
+    m = harness.machines_of(["a"])[0]
+    m.disk, m.boots = "/d", [{"n": 1, "rc": 0}, {"n": 2, "rc": -9, "cut": True}, {"n": 3, "rc": 0}]
+    res = [{"name": "boot-1", "status": "PASS", "seconds": 1.0, "detail": ""}]
+    s = harness.systemd_summary([m], res, None)
+    assert s["qemu_rc"] == 0 and s["done"] and s["archive_ok"] and s["boot_fail"] == []
+    assert s["results"] == res and s["machines"]["a"]["boots"] == m.boots
+    m.boots.append({"n": 4, "rc": "x", "fail": "no agent within 9s"})
+    s = harness.systemd_summary([m], res, None)
+    assert s["qemu_rc"] == {"a": [0, -9, 0, "x"]} and s["boot_fail"] == ["a: boot 4: no agent within 9s"]
+    assert not harness.systemd_summary([m], None, "timeout")["done"]
+
+
+def test_sysdom0_unit_and_files():
+    unit = sysdom0.agent_unit()
+    for line in ("WantedBy=multi-user.target", "After=network-online.target",
+                 "Wants=network-online.target", "Environment=BRBD_IP=10.250.250.2",
+                 "StartLimitIntervalSec=0", "StandardOutput=journal+console"):
+        assert line in unit.splitlines()
+    files = sysdom0.added_files("bookworm-sysdom0")
+    assert files["/etc/fstab"][0] == b"/dev/vda / ext4 errors=remount-ro 0 1\n"
+    assert b"Storage=persistent" in files["/etc/systemd/journald.conf.d/brbd.conf"][0]
+    assert files["/etc/initramfs-tools/modules"][0].split()[-3:] == [b"virtio_pci", b"virtio_blk", b"ext4"]
+    assert files["/etc/systemd/system/multi-user.target.wants/brbd-agent.service"] == (
+        "->", "/etc/systemd/system/brbd-agent.service")
+    assert not any("policy-rc.d" in p or "block-rbd" in p for p in files)
+    assert "auto eth0" in sysdom0.interfaces() and "net.ifnames=0" in harness.SYSTEMD_DOM0_ARGS
+
+
+def test_sysdom0_put_files(tmp_path):
+    sysdom0.put_files(str(tmp_path), {"/a/b": b"x", "/a/c": (b"y", 0o600), "/l": ("->", "/a/b")})
+    assert (tmp_path / "a" / "b").read_bytes() == b"x"
+    assert os.stat(tmp_path / "a" / "c").st_mode & 0o777 == 0o600
+    assert os.readlink(tmp_path / "l") == "/a/b"
+    sysdom0.put_files(str(tmp_path), {"/l": b"now a file"})  # a link is replaced, not followed
+    assert (tmp_path / "a" / "b").read_bytes() == b"x" and (tmp_path / "l").read_bytes() == b"now a file"
+
+
+def test_sysdom0_key_follows_the_agent(monkeypatch, tmp_path):
+    k = sysdom0.image_key("debian12", "/r")
+    assert k == sysdom0.image_key("debian12", "/r") and k != sysdom0.image_key("debian13", "/r")
+    agent = tmp_path / "agent"
+    agent.write_text("other")
+    monkeypatch.setattr(sysdom0, "AGENT", str(agent))
+    assert sysdom0.image_key("debian12", "/r") != k
+
+
+def test_sysboot_counts_boots_without_the_header():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(
+        "sysboot_host", os.path.join(os.path.dirname(os.path.abspath(__file__)), "guest", "sysboot", "host.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    listing = ("IDX BOOT ID                          FIRST ENTRY                 LAST ENTRY\n"
+               " -1 e8bbc91b18b74c76992f9179d74b409d Mon 2026-12-07 20:47:39 UTC Mon 2026-12-07 20:48:05 UTC\n"
+               "  0 0123456789abcdef0123456789abcdef Mon 2026-12-07 20:48:05 UTC Mon 2026-12-07 20:48:10 UTC\n")
+    assert mod.count_boots(listing) == 2 and mod.BOOT == "systemd"
