@@ -333,3 +333,61 @@ def test_sysboot_counts_boots_without_the_header():
                " -1 e8bbc91b18b74c76992f9179d74b409d Mon 2026-12-07 20:47:39 UTC Mon 2026-12-07 20:48:05 UTC\n"
                "  0 0123456789abcdef0123456789abcdef Mon 2026-12-07 20:48:05 UTC Mon 2026-12-07 20:48:10 UTC\n")
     assert mod.count_boots(listing) == 2 and mod.BOOT == "systemd"
+
+
+# ---------------------------------------------------------------- a dom0 dead in its boot
+RECORDED_CRASH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "recorded", "serial",
+                              "debian13-dom0-int3-crash.log")
+
+
+def test_early_crash_names_the_first_oops_of_a_crashed_dom0():
+    with open(RECORDED_CRASH, "rb") as fh:
+        serial = fh.read()
+    assert harness.early_crash(serial) == "Oops: int3: 0000 [#1] PREEMPT SMP NOPTI"
+    assert harness.early_crash(b"BRBD-STAGE kernel-up 6.8\nBRBD-DONE\n") is None
+    assert harness.early_crash(b"(XEN) Hardware Dom0 crashed: rebooting\n") == "Hardware Dom0 crashed"
+
+
+def _fake_qemu(tmp_path, monkeypatch, crashes):
+    """A Harness whose QEMU is a script: the first `crashes` boots write the recorded crash
+    to the serial log and exit 0 (as QEMU does with -no-reboot), the next one runs the
+    program to its end."""
+    boots = tmp_path / "boots"
+    script = tmp_path / "qemu.py"
+    script.write_text(
+        "import sys\n"
+        f"with open({str(boots)!r}, 'a') as fh: fh.write('x')\n"
+        f"n = len(open({str(boots)!r}).read())\n"
+        f"crash = open({RECORDED_CRASH!r}).read()\n"
+        f"with open(sys.argv[1], 'w') as fh:\n"
+        f"    fh.write(crash if n <= {crashes} else 'BRBD-STAGE kernel-up 6.8\\nBRBD-DONE\\n')\n")
+    h = harness.Harness.__new__(harness.Harness)
+    h.machines = harness.machines_of(None)
+    h.workdir = str(tmp_path)
+    h.timeout = 60
+    h.hooks = None
+    h.drive = None
+    os.makedirs(h.machines[0].outdir(h.workdir))
+    monkeypatch.setattr(h, "_qemu_argv", lambda m, boot, initrd, serial: [
+        sys.executable, str(script), serial], raising=False)
+    return h, boots
+
+
+def test_a_dom0_that_crashed_in_its_boot_is_booted_again_once(tmp_path, monkeypatch):
+    h, boots = _fake_qemu(tmp_path, monkeypatch, crashes=1)
+    assert h._boot({}, {"": None}, None) == {"": 0}
+    assert boots.read_text() == "xx"
+    parsed = h._parse_all({"": 0})
+    assert parsed["done"]
+    (crash,) = parsed["early_crashes"]["dom0"]
+    assert crash["line"].startswith("Oops: int3")
+    assert crash["serial"] == h.machines[0].serial(h.workdir) + ".crash1"
+    assert os.path.exists(crash["serial"])
+
+
+def test_a_dom0_that_crashes_twice_is_left_failed(tmp_path, monkeypatch):
+    h, boots = _fake_qemu(tmp_path, monkeypatch, crashes=2)
+    assert h._boot({}, {"": None}, None) == {"": 0}
+    assert boots.read_text() == "xx"
+    parsed = h._parse_all({"": 0})
+    assert not parsed["done"] and len(parsed["early_crashes"]["dom0"]) == 1

@@ -322,6 +322,13 @@ def _serial_tail(gate, name):
     return text.split(mark, 1)[1].split("\n----", 1)[0].lstrip("\n")
 
 
+def _early_crashes(run):
+    """Report lines for the dom0s the harness booted again (harness.early_crash)."""
+    return ["  %s's dom0 kernel crashed before the program, booted again: %s (%s)"
+            % (name, c["line"], c["serial"])
+            for name, crashes in sorted(run.get("early_crashes", {}).items()) for c in crashes]
+
+
 def test_report(gate, capsys):
     """Not a check: prints the wall times and per-scenario timings."""
     _check_ran(gate)
@@ -336,6 +343,7 @@ def test_report(gate, capsys):
         lines.append("  %-22s %-5s %8s %8s  %s" % (r["name"], r["status"], r["seconds"],
                                                   gate.get("begun", {}).get(r["name"], ""),
                                                   r["detail"][:110]))
+    lines += _early_crashes(gate)
     for action in gate.get("host_actions", []):
         lines.append("  host action at %s s: %s -> %s (%s s)" % (
             action["at"], action["request"], action.get("reply"), action.get("seconds")))
@@ -364,6 +372,7 @@ def test_two_host_report(twohost, capsys):
     for name, facts in sorted(twohost.get("machines", {}).items()):
         lines.append("  dom0 %s stages (s since boot): " % name + ", ".join(
             "%s %.1f" % (k, v) for k, v in facts["stages"].items() if v is not None))
+    lines += _early_crashes(twohost)
     for r in twohost["results"]:
         lines.append("  %-20s %-5s %7s s  %s" % (r["name"], r["status"], r["seconds"], r["detail"]))
     with capsys.disabled():
