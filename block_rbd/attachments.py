@@ -14,8 +14,9 @@ import logging
 import time
 
 from . import deadline, mappers
-from .errors import BlockRbdError, ClusterError, FeaturesUnsupported, HotplugTimeout, TargetError
-from .state import Holder, MapRecord, local_state
+from .errors import (BlockRbdError, ClusterError, CorruptRecord, DeviceBusy, FeaturesUnsupported, HotplugTimeout,
+                     StateError, TargetError)
+from .state import Holder, MapRecord, local_state, record_of_path
 from .target import format_qos, parse_qos, parse_spec, qos_options
 from .target import read_only as is_read_only
 
@@ -202,11 +203,40 @@ def detach(config, cluster, spec, read_only, holder, registry):
     """
     state = local_state(config)
     with state.lock(spec):
-        record = state.load(spec, read_only)
+        try:
+            record = state.load(spec, read_only)
+        except CorruptRecord as exc:
+            return _let_go_unrecorded(config, cluster, state, spec, read_only, holder, registry, exc)
         if record is None or holder not in record.holders:
             # A failed add that cleaned up, or a repeat remove.
             return "nothing to do"
         return _let_go(config, cluster, state, spec, read_only, holder, registry)
+
+
+def _let_go_unrecorded(config, cluster, state, spec, read_only, holder, registry, corrupt):
+    """detach() when the record cannot be read: unmap what the mappers show mapped (the
+    kernel, the daemons), set the record aside, release `holder` cluster-wide.
+
+    A device still in use has a holder the record no longer names: it stays mapped,
+    and so does the record, for the remove of that holder.
+    """
+    log.warning("%s; unmapping %s (%s) as this host's mappers show it", corrupt, spec, "ro" if read_only else "rw")
+    if registry is not None and not spec.snap:
+        state.pend_release(spec, holder)
+        state.forget_registered(spec, holder)
+    try:
+        _unmap_all(config, cluster, spec, read_only, None)
+    except DeviceBusy as exc:
+        done = "left mapped, the record as it is: %s" % exc
+    else:
+        aside = state.set_aside(spec, read_only)
+        if aside:
+            log.warning("set the unreadable record %s aside as %s", corrupt.path, aside)
+        done = "unmapped what was mapped; the unreadable record set aside"
+    if registry is not None and not spec.snap:
+        if not _release(cluster, state, registry, spec, holder):
+            done += "; cluster-wide release pending"
+    return done
 
 
 def release_pending(config, cluster, registry):
@@ -219,6 +249,12 @@ def release_pending(config, cluster, registry):
     wait for the same cluster.
     """
     state = local_state(config)
+    for bad in state.corrupt_ledger():
+        # Never retried, never a crash: kept for the operator (doctor names it).
+        aside = state.set_aside_ledger(bad)
+        if aside:
+            log.warning("%s; set aside as %s: a release it held is not retried (block-rbd locks IMAGE shows "
+                        "what is registered)", bad, aside)
     done = []
     items = state.pending()
     for index, item in enumerate(items):
@@ -226,7 +262,12 @@ def release_pending(config, cluster, registry):
         with state.lock(spec, wait=False) as held:
             if not held or not state.is_pending(spec, item.holder):
                 continue  # in flight in another run, or finished by it meanwhile
-            if item.holder in state.holders_of_image(spec):
+            try:
+                holders = state.holders_of_image(spec)
+            except StateError as exc:
+                log.warning("the cluster-wide release of %s by %s stays pending: %s", spec, item.holder, exc)
+                continue
+            if item.holder in holders:
                 state.release_done(spec, item.holder)
                 continue
             if not _release(cluster, state, registry, spec, item.holder):
@@ -277,29 +318,44 @@ def host_mappings(config):
     """
     state = local_state(config)
     records = {(r.image, r.read_only): r for r in state.records()}
+    # Unreadable records: by the (image, mode) their file names; a mapping of theirs is managed.
+    corrupt = {}
+    for bad in state.corrupt_records():
+        named = record_of_path(bad.path)
+        corrupt[(str(named[0]), named[1]) if named else (bad.path, None)] = bad
     rows = []
     for name in mappers.AUTO_ORDER:
         mapper = mappers.get(name, config)
         if mapper.unavailable():
             continue
         for mapping in mapper.mapped():
-            record = records.pop((str(mapping.spec), mapping.read_only), None)
-            rows.append(_row(mapping.spec, mapping.read_only, name, mapping.device, record))
+            key = (str(mapping.spec), mapping.read_only)
+            record = records.pop(key, None)
+            rows.append(_row(mapping.spec, mapping.read_only, name, mapping.device, record,
+                             corrupt=corrupt.pop(key, None)))
     for (image, ro), record in sorted(records.items()):
         rows.append(_row(parse_spec(image), ro, record.mapper, None, record))
+    for (image, ro), bad in sorted(corrupt.items(), key=lambda item: item[1].path):
+        rows.append(_row(parse_spec(image) if ro is not None else None, ro, None, None, None, corrupt=bad))
     for item in state.pending():
         rows.append(dict(_row(item.spec, None, None, None, None, holders=(item.holder,)),
                          managed=True, pending_release=True, since=int(item.since)))
+    for bad in state.corrupt_ledger():
+        rows.append(dict(_row(None, None, None, None, None, corrupt=bad), pending_release=True))
     return rows
 
 
-def _row(spec, ro, mapper, device, record, holders=None):
+def _row(spec, ro, mapper, device, record, holders=None, corrupt=None):
+    """One row of host_mappings(); `corrupt`: the CorruptRecord of its unreadable record
+    (its image is the one the file's name says, None when that says none)."""
     holders = holders if holders is not None else (record.holders if record else {})
     return {
-        "image": str(spec.head()), "snap": spec.snap, "mode": "-" if ro is None else "ro" if ro else "rw",
+        "image": str(spec.head()) if spec else None, "snap": spec.snap if spec else None,
+        "mode": "-" if ro is None else "ro" if ro else "rw",
         "mapper": mapper, "device": device,
         "backends": sorted(h for h in holders if h != MANUAL),
         "manual": MANUAL in holders,
-        "managed": record is not None,
+        "managed": record is not None or corrupt is not None,
         "pending_release": False,
+        "corrupt": str(corrupt) if corrupt else None,
     }

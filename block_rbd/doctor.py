@@ -22,8 +22,8 @@ def check_credentials(config):
     conf = config["ceph.conf"]
     results.append((OK, "ceph.conf %s is readable" % conf) if os.access(conf, os.R_OK)
                    else (FAIL, "ceph.conf %s is not readable" % conf))
-    keyring = config.keyring
     try:
+        keyring = config.keyring  # refused if anyone but root could change it
         keyring_secret(keyring, config["ceph.id"])
     except BlockRbdError as exc:
         return results + [(FAIL, str(exc))]
@@ -105,15 +105,28 @@ def check_records(config, xs):
     from .attachments import local_state
     state = local_state(config)
     results = []
-    for record in state.records():
+    try:
+        records, pending = state.records(), state.pending()
+        corrupt, ledger, aside = state.corrupt_records(), state.corrupt_ledger(), state.set_aside_files()
+    except BlockRbdError as exc:  # a state_dir or ledger_dir refused
+        return [(FAIL, str(exc))]
+    for record in records:
         for holder in record.holders:
             if holder.startswith("backend/") and xs is not None and not xs.exists(holder):
                 results.append((WARN, "%s is recorded as used by %s, which no longer exists in xenstore"
                                 % (record.image, holder)))
-    for item in state.pending():
+    for item in pending:
         results.append((WARN, "%s: the cluster-wide release of %s is pending since %s "
                         "(block-rbd release-pending completes it)"
                         % (item.image, item.holder, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(item.since)))))
+    for bad in corrupt:
+        results.append((WARN, "%s: the remove of its disk unmaps what is mapped and sets it aside" % bad))
+    for bad in ledger:
+        results.append((WARN, "%s: a pending release or registration note; block-rbd release-pending sets it "
+                        "aside" % bad))
+    for path in aside:
+        results.append((WARN, "%s: set aside, unreadable; what it named may still be registered in Ceph "
+                        "(block-rbd locks IMAGE): check, then delete it" % path))
     return results
 
 

@@ -93,3 +93,27 @@ class CloneConflict(ClusterError):
 
 class BackupError(BlockRbdError):
     """A backup or restore file is missing, malformed or does not match."""
+
+
+class CorruptRecord(StateError):
+    """A record or ledger file of this host cannot be read (truncated, not JSON, a field
+    missing or of the wrong type): `path` and `problem` say which and what."""
+
+    def __init__(self, path, problem):
+        super().__init__("%s: unreadable (%s)" % (path, problem))
+        self.path = path
+        self.problem = " ".join(str(problem).split())
+
+
+class AccessRefused(AccessDenied):
+    """A refusal naming another attachment.  str() is the whole line (the log, the operator);
+    `public` leaves out what another VM's guest must not read (its VM uuid, Ceph client
+    addresses): hotplug-error is readable by the frontend."""
+
+    def __init__(self, message, public):
+        super().__init__(message)
+        self.public = " ".join(str(public).split())
+
+
+class XenstoreProtocolError(XenstoreError):
+    """xenstored's reply does not answer the request (type, request or transaction id), or is malformed."""

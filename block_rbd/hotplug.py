@@ -37,7 +37,7 @@ from .mappers.base import device_numbers
 from .policy import Request
 from .registry import Registry
 from .target import effective_mode, parse, parse_spec, read_only
-from .xenstore import Xenstore
+from .xenstore import Xenstore, fit
 
 log = logging.getLogger("block-rbd")
 
@@ -94,7 +94,9 @@ class Backend:
         self.xs.write({self.key("hotplug-status"): "connected"})
 
     def failed(self, message):
-        self.xs.write({self.key("hotplug-error"): message, self.key("hotplug-status"): "error"})
+        # Cut to what one request carries: a longer write loses the error and the status with it.
+        error = self.key("hotplug-error")
+        self.xs.write({error: fit(error, message), self.key("hotplug-status"): "error"})
 
 
 def add(config, backend, cluster, outcome=None, failing=None):
@@ -194,6 +196,13 @@ def _describe(exc):
     return "internal error: %s: %s" % (type(exc).__name__, " ".join(str(exc).split()))
 
 
+def _public(exc):
+    """What hotplug-error may say of `exc`: the frontend reads that key, so a refusal
+    names the other attachment's host and domid there, and its VM and Ceph client only
+    in the log (errors.AccessRefused)."""
+    return getattr(exc, "public", None) or _describe(exc)
+
+
 # The watchdog is for a step that hangs: a run that begins with its budget already
 # spent (a slow start) is left this long to say so itself, naming where it stood.
 WATCHDOG_GRACE = 2.0
@@ -227,17 +236,18 @@ def run(command, path, started=None, cluster=None, xs_env=None, own_logging=True
     backend = Backend(xs, path)
     outcome = Outcome()
     own_cluster = None
-    message = None
+    message = public = None
     watchdog = None
 
-    def report(text, who):
-        """hotplug-error + hotplug-status=error, once, by the outcome's owner."""
+    def report(text, who, public=None):
+        """hotplug-error (`public`, if given: the guest reads it) + hotplug-status=error, once,
+        by the outcome's owner; the log and stderr get `text`."""
         if not outcome.to_report(who):
             return
         log.error("%s failed: %s", command, text)
         try:
             with deadline.budget(deadline.Deadline(deadline.REPORT_END, started)):
-                backend.failed("%s failed: %s" % (command, text))
+                backend.failed("%s failed: %s" % (command, text if public is None else public))
         except BlockRbdError as exc:
             log.error("could not report the failure in xenstore: %s", exc)
         finally:
@@ -264,20 +274,20 @@ def run(command, path, started=None, cluster=None, xs_env=None, own_logging=True
             log.debug("%s: start (XENBUS_PATH=%s)", command, path)
             if command == "add":
                 add(config, backend, cluster, outcome,
-                    failing=lambda exc: report(_describe(exc), Outcome.RUN))
+                    failing=lambda exc: report(_describe(exc), Outcome.RUN, _public(exc)))
             else:
                 remove(config, backend, cluster)
             _finish_pending(config, cluster)
     except Exception as exc:  # BlockRbdError, or a bug: still tell libxl and the operator, in one line
         if not isinstance(exc, BlockRbdError):
             log.debug("internal error", exc_info=True)
-        message = _describe(exc)
+        message, public = _describe(exc), _public(exc)
     if watchdog is not None:
         watchdog.cancel()
     if before_report is not None:
         before_report()
     if message is not None:
-        report(message, Outcome.RUN)
+        report(message, Outcome.RUN, public)
     elif not outcome.take(Outcome.RUN):
         message = "reported by the watchdog"  # the run ended after all, but libxl was told it failed
     if outcome.reported:

@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
-from .errors import AccessDenied
+from .errors import AccessRefused
 from .target import MODES
 
 DOM0_UUID = "00000000-0000-0000-0000-000000000000"
@@ -89,12 +89,16 @@ class Registration:
         return {"host": self.host, "holder": self.holder, "mode": self.mode, "vm": self.vm,
                 "domid": self.domid, "devid": self.devid, "client": self.client, "since": self.since}
 
-    def describe(self):
-        """One line naming the holder, for refusals and `block-rbd locks`."""
-        vm = "dom0" if self.identity.startswith("dom0@") else "VM %s" % self.vm
-        return "%s by %s (host %s, domid %s, devid %s, client %s, since %s)" % (
+    def describe(self, public=False):
+        """One line naming the holder, for refusals and `block-rbd locks`.  public: what
+        another guest may read (hotplug-error): its host and domid, not its VM uuid or
+        Ceph client address."""
+        dom0 = self.identity.startswith("dom0@")
+        vm = "dom0" if dom0 else "a VM" if public else "VM %s" % self.vm
+        client = "" if public else ", client %s" % (self.client or "(mapping)")
+        return "%s by %s (host %s, domid %s, devid %s%s, since %s)" % (
             self.mode, vm, self.host, self.domid if self.domid is not None else "-",
-            self.devid if self.devid is not None else "-", self.client or "(mapping)",
+            self.devid if self.devid is not None else "-", client,
             time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.since)))
 
 
@@ -128,7 +132,8 @@ def _why(registration, ident):
 
 def decide(target, mode, ident, registrations, *, host, incoming=False, foreign_watchers=(),
            foreign_lock_owners=(), stale="refuse"):
-    """Grant (a Decision) or raise AccessDenied in one line naming the holder.
+    """Grant (a Decision) or raise AccessRefused in one line naming the holder (its
+    `public` form without the holder's VM uuid and client addresses, for the guest).
 
     target: the image, for messages.  ident: identity() of the requester, on `host`;
     incoming: the requester is an incoming live migration.
@@ -143,22 +148,35 @@ def decide(target, mode, ident, registrations, *, host, incoming=False, foreign_
     others = [r for r in registrations if not itself(r, ident, host, incoming) and conflicts(mode, r.mode)]
     live = sorted((r for r in others if r.state != STALE), key=lambda r: (r.since, r.key))
     if live:
-        raise AccessDenied("%s: %s refused: attached %s%s" % (target, mode, live[0].describe(),
-                                                              _why(live[0], ident)))
+        raise _refused(lambda holder: "%s: %s refused: attached %s%s" % (target, mode, holder, _why(live[0], ident)),
+                       live[0])
     if mode == "w" and foreign_watchers:
-        raise AccessDenied("%s: w refused: watched by client %s outside block-rbd"
-                           % (target, ", ".join(sorted(foreign_watchers))))
+        raise AccessRefused("%s: w refused: watched by client %s outside block-rbd"
+                            % (target, ", ".join(sorted(foreign_watchers))),
+                            "%s: w refused: watched by %s outside block-rbd" % (target, _clients(foreign_watchers)))
     if mode == "r" and foreign_lock_owners:
-        raise AccessDenied("%s: r refused: client %s outside block-rbd owns the exclusive lock"
-                           % (target, ", ".join(sorted(foreign_lock_owners))))
+        raise AccessRefused("%s: r refused: client %s outside block-rbd owns the exclusive lock"
+                            % (target, ", ".join(sorted(foreign_lock_owners))),
+                            "%s: r refused: %s outside block-rbd owns the exclusive lock"
+                            % (target, _clients(foreign_lock_owners)))
     dead = tuple(sorted(others, key=lambda r: (r.since, r.key)))
     if dead and stale != "fence":
         first = dead[0]
-        raise AccessDenied("%s: %s refused: stale attachment %s%s; its client no longer watches the image; "
-                           "if host %s is really down, fence it: %s"
-                           % (target, mode, first.describe(), _why(first, ident), first.host,
-                              fence_command(target, first)))
+        raise _refused(lambda holder: "%s: %s refused: stale attachment %s%s; its client no longer watches the "
+                       "image; if host %s is really down, fence it: %s"
+                       % (target, mode, holder, _why(first, ident), first.host, fence_command(target, first)),
+                       first)
     return Decision(fence=dead)
+
+
+def _refused(line, registration):
+    """AccessRefused of line(the holder described), in full and in public."""
+    return AccessRefused(line(registration.describe()), line(registration.describe(public=True)))
+
+
+def _clients(addresses):
+    """How a public refusal counts clients it does not name."""
+    return "a client" if len(set(addresses)) == 1 else "%d clients" % len(set(addresses))
 
 
 def state_of(registration, watchers, now, grace):

@@ -19,14 +19,25 @@ notes of an earlier boot are pending releases too.  Both live in the ledger
 (tmpfs, like the mappings it describes).  Records carry a version; an older one is migrated on
 read, a newer one is refused rather than misread (version 3 added the rbd-nbd
 cookie and map options; 2 dropped the request kept per holder).
+
+Trust: state_dir and ledger_dir (and the directories under them) must be root's and
+writable by nobody else, or they are refused: a record names what `remove` unmaps
+and which registrations are released.  No file in them is opened through a symbolic
+link, and temporary files are created new (O_EXCL).  A file that cannot be read
+(truncated, not JSON, a field missing) is a CorruptRecord naming it: listed by
+corrupt_records() and corrupt_ledger(), never silently skipped, and set aside as
+NAME.corrupt by what acts on it (remove, release-pending).
 """
 
 import contextlib
+import errno
 import fcntl
 import functools
 import json
 import logging
+import math
 import os
+import stat
 import threading
 import time
 import urllib.parse
@@ -34,8 +45,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional
 
 from . import deadline
-from .errors import LockTimeout, StateError
-from .target import parse_spec
+from .config import shown, untrusted
+from .errors import CorruptRecord, LockTimeout, StateError, TargetError
+from .target import MAPPERS, MODES, parse_spec
 
 log = logging.getLogger("block-rbd")
 
@@ -90,18 +102,35 @@ class MapRecord:
 
     @classmethod
     def from_json(cls, data, where):
-        version = data.get("version", 1)
+        """The record `data` (read from `where`); CorruptRecord naming what is wrong."""
+        version = _version(data, where, 1)
         if version > RECORD_VERSION:
             raise StateError("%s was written by a newer block-rbd (record version %s); "
                              "refusing to misread it" % (where, version))
-        holders = {}
-        for name, held in (data.get("holders") or {}).items():
-            # Version 1 kept the whole request (host, backend, ...): only these mattered.
-            holders[name] = Holder(mode=held["mode"], since=int(held.get("since") or 0), vm=held.get("vm"),
-                                   domid=_opt_str(held.get("domid")), devid=_opt_str(held.get("devid")))
-        return cls(image=data["image"], read_only=bool(data["read_only"]), mapper=data.get("mapper"),
-                   device=data.get("device"), holders=holders, cookie=data.get("cookie"),
-                   options=list(data.get("options") or ()))
+        try:
+            holders = {}
+            for name, held in (_field(data, "holders", (dict,), {}) or {}).items():
+                if not isinstance(held, dict):
+                    raise _Bad("holder %s is %s, not an object" % (shown(name), shown(held)))
+                mode = _field(held, "mode", (str,))
+                if mode not in MODES:
+                    raise _Bad("holder %s has mode %s" % (shown(name), shown(mode)))
+                # Version 1 kept the whole request (host, backend, ...): only these mattered.
+                holders[name] = Holder(mode=mode, since=int(_time(held, 0)),
+                                       vm=_field(held, "vm", (str,), None),
+                                       domid=_opt_str(_field(held, "domid", (str, int), None)),
+                                       devid=_opt_str(_field(held, "devid", (str, int), None)))
+            mapper = _field(data, "mapper", (str,), None)
+            if mapper is not None and mapper not in MAPPERS:
+                raise _Bad("mapper %s" % shown(mapper))
+            options = _field(data, "options", (list,), []) or []
+            if not all(isinstance(o, str) for o in options):
+                raise _Bad("options %s" % shown(options))
+            return cls(image=_image(data), read_only=_field(data, "read_only", (bool,)), mapper=mapper,
+                       device=_field(data, "device", (str,), None), holders=holders,
+                       cookie=_field(data, "cookie", (str,), None), options=list(options))
+        except (_Bad, ValueError) as exc:
+            raise CorruptRecord(where, exc) from None
 
 
 @dataclass
@@ -122,10 +151,76 @@ class PendingRelease:
 
     @classmethod
     def from_json(cls, data, where):
-        if data.get("version", RECORD_VERSION) > RECORD_VERSION:
+        if _version(data, where, RECORD_VERSION) > RECORD_VERSION:
             raise StateError("%s was written by a newer block-rbd; refusing to misread it" % where)
-        return cls(image=data["image"], holder=data["holder"], since=float(data["since"]),
-                   reason=data.get("reason", ""))
+        try:
+            return cls(image=_image(data), holder=_holder(data), since=_time(data),
+                       reason=_field(data, "reason", (str,), "") or "")
+        except _Bad as exc:
+            raise CorruptRecord(where, exc) from None
+
+
+def _registration_note(data, where):
+    """(image, holder, since, boot) of a registration note; CorruptRecord if it is none."""
+    if not isinstance(data, dict):
+        raise CorruptRecord(where, "not a JSON object")
+    try:
+        return _image(data), _holder(data), _time(data), _field(data, "boot", (str,))
+    except _Bad as exc:
+        raise CorruptRecord(where, exc) from None
+
+
+class _Bad(Exception):
+    """What is wrong with a field (CorruptRecord says where)."""
+
+
+_MISSING = object()
+
+
+def _field(data, name, kinds, default=_MISSING):
+    """data[name], of one of `kinds` (None allowed when there is a default)."""
+    value = data.get(name, _MISSING)
+    if value is _MISSING or (value is None and default is not _MISSING):
+        if default is _MISSING:
+            raise _Bad("no field %r" % name)
+        return default
+    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+        raise _Bad("field %r is %s" % (name, shown(value)))
+    return value
+
+
+def _time(data, default=_MISSING):
+    """data["since"]: seconds since the epoch, a finite number (0 if absent, with a default)."""
+    value = _field(data, "since", (int, float), default)
+    since = float(value) if abs(value) < 1e11 else math.inf  # (a huge int would overflow a float)
+    if not math.isfinite(since):
+        raise _Bad("field 'since' is %s" % shown(value))
+    return since
+
+
+def _image(data):
+    image = _field(data, "image", (str,))
+    try:
+        parse_spec(image)
+    except TargetError as exc:
+        raise _Bad("image %s: %s" % (shown(image), exc)) from None
+    return image
+
+
+def _holder(data):
+    holder = _field(data, "holder", (str,))
+    if not holder:
+        raise _Bad("empty holder")
+    return holder
+
+
+def _version(data, where, default):
+    if not isinstance(data, dict):
+        raise CorruptRecord(where, "not a JSON object")
+    version = data.get("version", default)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise CorruptRecord(where, "version %s" % shown(version))
+    return version
 
 
 def _opt_str(value):
@@ -134,15 +229,58 @@ def _opt_str(value):
 
 class LocalState:
     def __init__(self, state_dir, lock_timeout=10.0, ledger_dir=None):
+        self.state_dir = state_dir
+        self.ledger_dir = ledger_dir or state_dir
         self.maps_dir = os.path.join(state_dir, "maps")
         self.locks_dir = os.path.join(state_dir, "locks")
         self.timeouts_dir = os.path.join(state_dir, "nbd-timeouts")
-        ledger_dir = ledger_dir or state_dir
-        self.pending_dir = os.path.join(ledger_dir, "pending")
-        self.registered_dir = os.path.join(ledger_dir, "registered")
+        self.pending_dir = os.path.join(self.ledger_dir, "pending")
+        self.registered_dir = os.path.join(self.ledger_dir, "registered")
         # block-rbd before 0.2 kept pending releases under state_dir: still read, and finished
         self.old_pending_dirs = [d for d in [os.path.join(state_dir, "pending")] if d != self.pending_dir]
         self.lock_timeout = lock_timeout
+        self._trusted = set()
+
+    # ---- trust: every directory of ours is root's alone -------------------------------
+
+    def _top(self, directory):
+        if directory in (self.pending_dir, self.registered_dir):
+            return "ledger_dir", self.ledger_dir
+        return "state_dir", self.state_dir
+
+    def _checked(self, path, what, top):
+        """Whether `path` exists; StateError if someone other than root could change it."""
+        if path in self._trusted:
+            return True
+        try:
+            st = os.stat(path) if top else os.lstat(path)
+        except FileNotFoundError:
+            return False
+        if not stat.S_ISDIR(st.st_mode):
+            raise StateError("%s %s is not a directory: refusing it" % (what, path))
+        problem = untrusted(path, st, what)
+        if problem:
+            raise StateError(problem)
+        self._trusted.add(path)
+        return True
+
+    def _dir(self, directory, create=True):
+        """`directory` (one of ours, under state_dir or ledger_dir) made if need be and
+        checked, its top too; False when it does not exist (and create is False)."""
+        what, top = self._top(directory)
+        if create and top not in self._trusted:
+            with contextlib.suppress(FileExistsError):
+                os.makedirs(top, mode=0o700)
+        if not self._checked(top, what, True):
+            return False
+        if create and directory not in self._trusted:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(directory, 0o700)
+        return self._checked(directory, what, False)
+
+    def _lock_fd(self, name):
+        self._dir(self.locks_dir)
+        return _open(os.path.join(self.locks_dir, name), os.O_RDWR | os.O_CREAT)
 
     @contextlib.contextmanager
     def lock(self, spec, wait=True):
@@ -152,9 +290,7 @@ class LocalState:
         one (operator commands) at most lock_timeout.  With wait=False the
         body runs at once, told (as the `with` value) whether it holds the lock.
         """
-        os.makedirs(self.locks_dir, mode=0o700, exist_ok=True)
-        path = os.path.join(self.locks_dir, spec.head().key + ".lock")
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = self._lock_fd(spec.head().key + ".lock")
         try:
             def attempt():
                 try:
@@ -178,8 +314,7 @@ class LocalState:
     def claim(self, name):
         """A host-wide claim on `name`: yields True when it was free (held until the
         block ends), False at once when another run holds it."""
-        os.makedirs(self.locks_dir, mode=0o700, exist_ok=True)
-        fd = os.open(os.path.join(self.locks_dir, name + ".claim"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = self._lock_fd(name + ".claim")
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -196,10 +331,11 @@ class LocalState:
 
         Waits within the run's budget (outside one at most lock_timeout).
         """
-        os.makedirs(self.locks_dir, mode=0o700, exist_ok=True)
-        fds = [os.open(os.path.join(self.locks_dir, "%s.%d.slot" % (kind, i)),
-                       os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600) for i in range(count)]
+        fds = []
         try:
+            for i in range(count):
+                fds.append(self._lock_fd("%s.%d.slot" % (kind, i)))
+
             def attempt():
                 for fd in fds:
                     try:
@@ -217,47 +353,85 @@ class LocalState:
             for fd in fds:
                 os.close(fd)  # closing releases the flock
 
+    def _write(self, directory, path, data, durable=False):
+        self._dir(directory)
+        _write_json(directory, path, data, durable)
+
+    def _read(self, directory, path):
+        """The JSON in `path` (None if absent); CorruptRecord if it cannot be read."""
+        return _read_json(path) if self._dir(directory, create=False) else None
+
+    def _read_all(self, directory):
+        """([(path, data)], [CorruptRecord]) of the .json files in `directory`."""
+        return _read_all(directory) if self._dir(directory, create=False) else ([], [])
+
     # ---- mapping records --------------------------------------------------------
 
     def _path(self, spec, read_only):
         return os.path.join(self.maps_dir, "%s.%s.json" % (spec.key, "ro" if read_only else "rw"))
 
     def load(self, spec, read_only):
+        """The record of spec in that mode, or None; CorruptRecord if it cannot be read."""
         path = self._path(spec, read_only)
-        data = _read_json(path)
+        data = self._read(self.maps_dir, path)
         return None if data is None else MapRecord.from_json(data, path)
 
     def save(self, record):
         """Write atomically: a reader never sees half a record."""
-        _write_json(self.maps_dir, self._path(record.spec, record.read_only), record.to_json())
+        self._write(self.maps_dir, self._path(record.spec, record.read_only), record.to_json())
 
     def delete(self, spec, read_only):
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self._path(spec, read_only))
+        _unlink(self._path(spec, read_only))
+
+    def set_aside(self, spec, read_only):
+        """Move the unreadable record of spec in that mode aside (NAME.corrupt); its new path."""
+        return _set_aside(self._path(spec, read_only), lambda data, path: MapRecord.from_json(data, path))
+
+    def _records(self):
+        """([MapRecord], [CorruptRecord], [StateError of a newer block-rbd])."""
+        found, corrupt, newer = [], [], []
+        entries, unreadable = self._read_all(self.maps_dir)
+        for path, data in entries:
+            try:
+                found.append(MapRecord.from_json(data, path))
+            except CorruptRecord as exc:
+                corrupt.append(exc)
+            except StateError as exc:
+                newer.append(exc)
+        return found, unreadable + corrupt, newer
 
     def records(self, strict=False):
         """Every mapping record on this host (for showmapped, status and doctor).
 
-        One written by a newer block-rbd is left out with a warning, or, when
-        `strict`, refused (StateError): what depends on every holder must not
-        go on without one.
+        One written by a newer block-rbd is left out with a warning, one that
+        cannot be read is left out (corrupt_records() names it), or, when
+        `strict`, either is refused (StateError): what depends on every holder
+        must not go on without one.
         """
-        found = []
-        for path, data in _read_all(self.maps_dir):
-            try:
-                found.append(MapRecord.from_json(data, path))
-            except StateError as exc:
-                if strict:
-                    raise
-                log.warning("%s", exc)
+        found, corrupt, newer = self._records()
+        if strict and (newer or corrupt):
+            raise (newer + corrupt)[0]
+        for exc in newer:
+            log.warning("%s", exc)
         return found
+
+    def corrupt_records(self):
+        """[CorruptRecord] of every mapping record that cannot be read."""
+        return self._records()[1]
 
     def holders_of_image(self, spec):
         """Every holder name of any mapping of the image `spec` (any snapshot, any mode)."""
-        head = str(spec.head())
+        head = spec.head()
+        found, corrupt, newer = self._records()
+        if newer:
+            raise newer[0]
+        for bad in corrupt:  # one of another image's must not hold up this one
+            named = record_of_path(bad.path)
+            if named is not None and named[0].head() == head:
+                raise bad
         names = set()
-        for record in self.records(strict=True):
-            if str(record.spec.head()) == head:
+        for record in found:
+            if record.spec.head() == head:
                 names.update(record.holders)
         return names
 
@@ -271,20 +445,22 @@ class LocalState:
     def set_request_timeout(self, device, cookie, image, until, after):
         """`device` (served under `cookie`, of `image`) has a request timeout until `until`
         (time.monotonic(), the same clock in every process) because of `after`."""
-        _write_json(self.timeouts_dir, self._timeout_path(device),
+        self._write(self.timeouts_dir, self._timeout_path(device),
                     {"device": device, "cookie": cookie, "image": image, "until": until, "after": after})
 
     def request_timeout(self, device):
-        data = _read_json(self._timeout_path(device))
+        try:
+            data = self._read(self.timeouts_dir, self._timeout_path(device))
+        except CorruptRecord:
+            return None  # not one (half, or a later layout): the next one set replaces it
         return data if _is_timeout(data) else None
 
     def request_timeouts(self):
         """Every such timeout on this host: [dict]."""
-        return [data for _path, data in _read_all(self.timeouts_dir) if _is_timeout(data)]
+        return [data for _path, data in self._read_all(self.timeouts_dir)[0] if _is_timeout(data)]
 
     def drop_request_timeout(self, device):
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self._timeout_path(device))
+        _unlink(self._timeout_path(device))
 
     # ---- the ledger: registrations made, cluster-wide releases still to do -----------
 
@@ -296,7 +472,7 @@ class LocalState:
 
     def note_registered(self, spec, holder):
         """Before `holder`'s registration on spec goes to Ceph: on disk, with this boot's id."""
-        _write_json(self.registered_dir, self._name(self.registered_dir, spec, holder),
+        self._write(self.registered_dir, self._name(self.registered_dir, spec, holder),
                     {"image": str(spec.head()), "holder": holder, "since": time.time(), "boot": boot_id(),
                      "version": RECORD_VERSION}, durable=True)
 
@@ -306,14 +482,14 @@ class LocalState:
 
     def _earlier_boot(self, spec, holder):
         try:
-            data = _read_json(self._name(self.registered_dir, spec, holder))
-        except ValueError:
-            return False  # pending() says what is wrong with it
+            data = self._read(self.registered_dir, self._name(self.registered_dir, spec, holder))
+        except CorruptRecord:
+            return False  # corrupt_ledger() says what is wrong with it
         return isinstance(data, dict) and data.get("boot") != boot_id()
 
     def pend_release(self, spec, holder, reason=""):
         item = PendingRelease(str(spec.head()), holder, time.time(), reason)
-        _write_json(self.pending_dir, self._pending_path(spec, holder), item.to_json(), durable=True)
+        self._write(self.pending_dir, self._pending_path(spec, holder), item.to_json(), durable=True)
 
     def pending_moot(self, spec, holder):
         """`holder`'s key holds a new registration: an older release of it is moot."""
@@ -328,29 +504,81 @@ class LocalState:
         return (any(os.path.exists(self._name(d, spec, holder)) for d in [self.pending_dir] + self.old_pending_dirs)
                 or self._earlier_boot(spec, holder))
 
-    def pending(self):
-        """Every release still to do in Ceph, oldest first: the pending ones, and the
-        registrations an earlier boot made and never released (it lost power)."""
-        items = {}
+    def _ledger(self):
+        """({(image, holder): PendingRelease}, [CorruptRecord]) of the whole ledger."""
+        items, corrupt = {}, []
         for directory in self.old_pending_dirs + [self.pending_dir]:
-            for path, data in _read_all(directory):
+            entries, unreadable = self._read_all(directory)
+            corrupt += unreadable
+            for path, data in entries:
                 try:
                     item = PendingRelease.from_json(data, path)
-                except (StateError, KeyError, TypeError, ValueError) as exc:
-                    log.warning("%s: not a pending release, left as it is (%s)", path, exc)
+                except CorruptRecord as exc:
+                    corrupt.append(exc)
+                    continue
+                except StateError as exc:  # a newer block-rbd's: not acted upon, not misread
+                    log.warning("%s", exc)
                     continue
                 items[(item.image, item.holder)] = item
         now = boot_id()
-        for path, data in _read_all(self.registered_dir):
+        entries, unreadable = self._read_all(self.registered_dir)
+        corrupt += unreadable
+        for path, data in entries:
             try:
-                if data["boot"] == now or (data["image"], data["holder"]) in items:
-                    continue
-                items[(data["image"], data["holder"])] = PendingRelease(
-                    data["image"], data["holder"], float(data["since"]),
-                    "registered in an earlier boot of this host, never released (power loss?)")
-            except (KeyError, TypeError, ValueError) as exc:
-                log.warning("%s: not a registration note, left as it is (%s)", path, exc)
+                image, holder, since, boot = _registration_note(data, path)
+            except CorruptRecord as exc:
+                corrupt.append(exc)
+                continue
+            if boot == now or (image, holder) in items:
+                continue
+            items[(image, holder)] = PendingRelease(
+                image, holder, since, "registered in an earlier boot of this host, never released (power loss?)")
+        return items, corrupt
+
+    def pending(self):
+        """Every release still to do in Ceph, oldest first: the pending ones, and the
+        registrations an earlier boot made and never released (it lost power).  A file
+        that cannot be read is left out: corrupt_ledger() names it."""
+        items = self._ledger()[0]
         return sorted(items.values(), key=lambda p: (p.since, p.image, p.holder))
+
+    def corrupt_ledger(self):
+        """[CorruptRecord] of every pending release or registration note that cannot be read."""
+        return self._ledger()[1]
+
+    def set_aside_ledger(self, bad):
+        """Move the unreadable ledger file of CorruptRecord `bad` aside (NAME.corrupt): it is
+        never retried, and kept for the operator.  Its new path, or None if it changed meanwhile."""
+        def check(data, path):
+            if os.path.dirname(bad.path) == self.registered_dir:
+                _registration_note(data, path)
+            else:
+                PendingRelease.from_json(data, path)
+        return _set_aside(bad.path, check)
+
+    def set_aside_files(self):
+        """Every file set aside as unreadable (NAME.corrupt) in our directories, for doctor."""
+        found = []
+        for directory in [self.maps_dir, self.pending_dir, self.registered_dir] + self.old_pending_dirs:
+            if not self._dir(directory, create=False):
+                continue
+            found += [os.path.join(directory, n) for n in sorted(os.listdir(directory)) if n.endswith(CORRUPT)]
+        return found
+
+
+CORRUPT = ".corrupt"
+
+
+def record_of_path(path):
+    """(ImageSpec, read_only) a mapping record's file name stands for, or None."""
+    name = os.path.basename(path)
+    for suffix, read_only in ((".rw.json", False), (".ro.json", True)):
+        if name.endswith(suffix):
+            try:
+                return parse_spec(urllib.parse.unquote(name[:-len(suffix)])), read_only
+            except TargetError:
+                return None
+    return None
 
 
 def _is_timeout(data):
@@ -358,31 +586,83 @@ def _is_timeout(data):
             and isinstance(data.get("until"), (int, float)))
 
 
-def _read_json(path):
+def _open(path, flags, mode=0o600):
+    """os.open, never through a symbolic link (an error naming the file if one is there)."""
     try:
-        with open(path) as handle:
-            return json.load(handle)
+        return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise StateError("%s is a symbolic link: refusing to follow it" % path) from None
+        if isinstance(exc, (FileNotFoundError, FileExistsError)):
+            raise
+        raise StateError("%s: %s" % (path, exc.strerror)) from None
+
+
+def _read_json(path):
+    """The JSON in `path`, None if there is no such file; CorruptRecord if it cannot be read."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:
         return None
+    except OSError as exc:
+        raise CorruptRecord(path, "a symbolic link, not followed" if exc.errno == errno.ELOOP
+                            else exc.strerror) from None
+    with os.fdopen(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise CorruptRecord(path, "not a regular file")
+        raw = handle.read()
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise CorruptRecord(path, "not UTF-8 text") from None
+    except ValueError as exc:
+        raise CorruptRecord(path, "not JSON: %s" % exc) from None
 
 
 def _write_json(directory, path, data, durable=False):
     """Write `path` whole (readers never see half of it); `durable`: on disk before
     returning, the rename too, whatever power loss follows."""
-    os.makedirs(directory, mode=0o700, exist_ok=True)
     tmp = "%s.%d.%d.tmp" % (path, os.getpid(), threading.get_ident())
-    with open(tmp, "w") as handle:
-        json.dump(data, handle, sort_keys=True)
-        if durable:
-            handle.flush()
-            os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        fd = _open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+    except FileExistsError:
+        # Left by a run killed with this pid and thread id (before a reboot): ours to replace.
+        _unlink(tmp)
+        fd = _open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(data, handle, sort_keys=True)
+            if durable:
+                handle.flush()
+                os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        _unlink(tmp)
+        raise
     if durable:
         fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def _set_aside(path, check):
+    """Rename the unreadable `path` to NAME.corrupt; its new path.  If what was renamed reads
+    well after all (`check(data, path)` passes: rewritten meanwhile), it goes back, and None."""
+    aside = path + CORRUPT
+    try:
+        os.replace(path, aside)
+    except FileNotFoundError:
+        return None
+    try:
+        check(_read_json(aside), path)
+    except (StateError, TypeError):
+        return aside
+    with contextlib.suppress(FileExistsError):
+        os.link(aside, path)  # unless a newer one is there already
+    _unlink(aside)
+    return None
 
 
 def _unlink(path):
@@ -404,22 +684,25 @@ def boot_id(path=_BOOT_ID):
 
 
 def _read_all(directory):
-    """(path, data) of every complete .json file in directory."""
+    """([(path, data)], [CorruptRecord]) of the .json files in directory.  Writes are
+    atomic (a temporary file, renamed): a .json that cannot be read is corrupt."""
     try:
         names = sorted(os.listdir(directory))
     except FileNotFoundError:
-        return []
-    found = []
+        return [], []
+    found, corrupt = [], []
     for name in names:
         if not name.endswith(".json"):
             continue
         path = os.path.join(directory, name)
         try:
-            with open(path) as handle:
-                found.append((path, json.load(handle)))
-        except (FileNotFoundError, ValueError):
-            continue  # removed or being replaced right now
-    return found
+            data = _read_json(path)
+        except CorruptRecord as exc:
+            corrupt.append(exc)
+            continue
+        if data is not None:  # else removed right now
+            found.append((path, data))
+    return found, corrupt
 
 
 def local_state(config):

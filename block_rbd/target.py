@@ -36,7 +36,11 @@ _BAD_NAME_CHARS = re.compile(r"[/@:,\s\x00-\x1f\x7f]")
 MAX_NAME = 255
 _SIZE = re.compile(r"^([0-9]+)([KMGT]?)(?:i?B)?$", re.IGNORECASE)
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-_MAP_OPTION = re.compile(r"^[a-z0-9_]+(=[A-Za-z0-9_.\-]+)?$")
+_MAP_OPTION = re.compile(r"[a-z0-9_]+(=[A-Za-z0-9_.\-]+)?")
+# What block-rbd sets itself (the cephx identity, the cluster, its files and devices):
+# an option of these names would override it.
+RESERVED_OPTIONS = frozenset(("name", "id", "key", "keyfile", "keyring", "secret", "conf", "cluster",
+                              "mon_host", "cookie", "device", "log_file", "admin_socket", "_pool_ns"))
 
 # qos= keys -> librbd's limit options.  *iops: operations per second; *bps: bytes per
 # second (K, M, G suffixes: powers of 1024).
@@ -93,6 +97,9 @@ def check_name(kind, name):
         raise TargetError("%s name is longer than %d bytes" % (kind, MAX_NAME))
     if name in (".", ".."):
         raise TargetError("%s name %r is not allowed" % (kind, name))
+    if name.startswith("-"):
+        # rbd-nbd and rbd-fuse take the spec as an argument: it would read as an option
+        raise TargetError("%s name %r starts with '-', which is not allowed" % (kind, name))
     return name
 
 
@@ -154,12 +161,19 @@ def _clone(value, pool):
     return spec
 
 
+def check_map_option(option):
+    """Raise TargetError unless `option` is KEY or KEY=VALUE of the allow-list (no leading
+    '-', no '/', no ',' or space): it becomes a kernel map option or an rbd-nbd flag."""
+    if not isinstance(option, str) or not _MAP_OPTION.fullmatch(option):
+        raise TargetError("map_options: %r is not a valid map option" % (option,))
+    if option.partition("=")[0] in RESERVED_OPTIONS:
+        raise TargetError("map_options: %r sets what block-rbd sets itself (identity, cluster, files): "
+                          "not allowed" % option)
+    return option
+
+
 def _map_options(value, _pool):
-    options = tuple(o for o in value.split("+"))
-    for option in options:
-        if not _MAP_OPTION.match(option):
-            raise TargetError("map_options: %r is not a valid map option" % option)
-    return options
+    return tuple(check_map_option(o) for o in value.split("+"))
 
 
 def parse_qos(text):

@@ -7,8 +7,15 @@ same place libxenstore's xs_open() goes: $XENSTORED_PATH, else the daemon's sock
 ($XENSTORED_RUNDIR, default /var/run/xenstored), else the kernel's xenbus device
 (xenstored in a stub domain).  Several keys written together are one transaction,
 retried on EAGAIN as xenstore-write does.
+
+A request has one end time, whatever the daemon sends meanwhile, and a reply must
+answer it: its type (or XS_ERROR), request id and transaction id are the request's,
+as xenstored and the xenbus device echo them.  A watch event may come between a
+request and its reply; it is set aside.  Nothing over XENSTORE_PAYLOAD_MAX is sent:
+xenstored drops the connection, and with it what the run meant to say (fit()).
 """
 
+import collections
 import errno
 import os
 import select
@@ -16,20 +23,40 @@ import socket
 import stat
 import struct
 import threading
+import time
 
 from . import deadline
-from .errors import XenstoreError, XenstoreRefused
+from .errors import XenstoreError, XenstoreProtocolError, XenstoreRefused
 
 XS_DIRECTORY = 1
 XS_READ = 2
 XS_TRANSACTION_START = 6
 XS_TRANSACTION_END = 7
 XS_WRITE = 11
+XS_WATCH_EVENT = 15
 XS_ERROR = 16
 XS_DIRECTORY_PART = 22
 HEADER = struct.Struct("=IIII")  # type, req_id, tx_id, len: host byte order, as xs_wire.h
 PAYLOAD_MAX = 4096
 COMMITS = 20  # EAGAIN: another writer changed what the transaction read (xenstore-write retries too)
+EVENTS_KEPT = 64  # watch events set aside per connection (block-rbd sets no watch: none should come)
+CUT = "\u2026"  # ends a message fit() had to cut
+
+
+def fit(path, value):
+    """`value`, cut to what one write of it to `path` can carry (ending in CUT), in valid
+    UTF-8: for a message such as hotplug-error, which must arrive, if only in part."""
+    data = str(value).encode("utf-8", "replace")
+    room = PAYLOAD_MAX - len(path.encode("utf-8")) - 1
+    if len(data) <= room:
+        return data.decode("utf-8")
+    # "ignore": a character the cut splits is left out whole
+    return data[:max(0, room - len(CUT.encode("utf-8")))].decode("utf-8", "ignore") + CUT
+
+
+def _too_big(what, payload):
+    return XenstoreError("xenstore %s: %d bytes, more than xenstore takes in one request (%d)"
+                         % (what, len(payload), PAYLOAD_MAX))
 
 
 def daemon_paths(env=None):
@@ -44,13 +71,15 @@ def daemon_paths(env=None):
 class _Link:
     """One connection: a Unix socket to xenstored, or the xenbus device."""
 
-    def __init__(self, path, seconds):
+    def __init__(self, path, end):
         self.path = path
         self.sock = None
         self.fd = None
+        self.events = collections.deque(maxlen=EVENTS_KEPT)  # watch events' payloads, oldest first
         if stat.S_ISSOCK(os.stat(path).st_mode):
+            left = self._left(end)
             self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-            self.sock.settimeout(seconds)
+            self.sock.settimeout(left)
             try:
                 self.sock.connect(path)
             except OSError:
@@ -59,21 +88,30 @@ class _Link:
         else:
             self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
 
-    def send(self, data, seconds):
+    @staticmethod
+    def _left(end):
+        left = end - time.monotonic()
+        if left <= 0:
+            raise socket.timeout("timed out")
+        return left
+
+    def send(self, data, end):
         if self.sock is not None:
-            self.sock.settimeout(seconds)
+            self.sock.settimeout(self._left(end))  # sendall's timeout bounds the whole send
             self.sock.sendall(data)
         elif os.write(self.fd, data) != len(data):  # the device takes a message in one write
             raise OSError(errno.EIO, "short write to %s" % self.path)
 
-    def receive(self, size, seconds):
+    def receive(self, size, end):
+        """`size` bytes by `end` (monotonic): each wait gets what is left, never a fresh timeout,
+        so a daemon sending a byte at a time cannot keep a request alive."""
         chunks, want = [], size
         while want:
             if self.sock is not None:
-                self.sock.settimeout(seconds)
+                self.sock.settimeout(self._left(end))
                 chunk = self.sock.recv(want)
             else:
-                if not select.select([self.fd], [], [], seconds)[0]:
+                if not select.select([self.fd], [], [], self._left(end))[0]:
                     raise socket.timeout("timed out")
                 chunk = os.read(self.fd, want)
             if not chunk:
@@ -111,40 +149,63 @@ class Xenstore:
     def _limit(self, what):
         return deadline.limit(self.timeout, self.DEFAULT_TIMEOUT, what)
 
-    def _connect(self, seconds):
+    def _connect(self, end):
         problems = []
         for path in daemon_paths(self.env):
             try:
-                return _Link(path, seconds)
+                return _Link(path, end)
             except OSError as exc:
                 problems.append("%s: %s" % (path, exc.strerror or exc))
         raise XenstoreError("cannot reach xenstored (%s)" % "; ".join(problems))
 
     def _request(self, mtype, payload, tx=0, what="xenstore"):
         """The reply's payload; XenstoreError naming `what` and the daemon's error."""
+        if len(payload) > PAYLOAD_MAX:
+            raise _too_big(what, payload)
         seconds = self._limit(what)
+        end = time.monotonic() + seconds  # the whole request: connect, send and every read
         me = threading.get_ident()
         with self._lock:
             link = self._links.get(me)
             self._req = req = (self._req + 1) & 0xFFFFFFFF
         try:
             if link is None:
-                link = self._connect(seconds)
+                link = self._connect(end)
                 with self._lock:
                     self._links[me] = link
-            link.send(HEADER.pack(mtype, req, tx, len(payload)) + payload, seconds)
-            rtype, _req, _tx, size = HEADER.unpack(link.receive(HEADER.size, seconds))
-            if size > PAYLOAD_MAX:
-                raise OSError(errno.EPROTO, "a reply of %d bytes" % size)
-            body = link.receive(size, seconds) if size else b""
-        except (OSError, socket.timeout) as exc:
-            self._drop(me)  # a half-read reply would answer the next request
+            link.send(HEADER.pack(mtype, req, tx, len(payload)) + payload, end)
+            while True:
+                rtype, rreq, rtx, size = HEADER.unpack(link.receive(HEADER.size, end))
+                if size > PAYLOAD_MAX:
+                    raise OSError(errno.EPROTO, "a reply of %d bytes" % size)
+                body = link.receive(size, end) if size else b""
+                if rtype != XS_WATCH_EVENT:
+                    break
+                link.events.append(body)  # asynchronous, whatever its ids say: not the reply
+            wrong = self._mismatch(mtype, req, tx, rtype, rreq, rtx)
+            if wrong:
+                raise XenstoreProtocolError("xenstore %s: %s" % (what, wrong))
+        except (OSError, socket.timeout, XenstoreProtocolError) as exc:
+            self._drop(me)  # a half-read or stray reply would answer the next request
+            if isinstance(exc, XenstoreProtocolError):
+                raise
             reason = "timed out after %.0f s" % seconds if isinstance(exc, socket.timeout) \
                 else (exc.strerror or str(exc))
             raise XenstoreError("xenstore %s: %s" % (what, reason)) from None
         if rtype == XS_ERROR:
             raise XenstoreRefused(body.rstrip(b"\0").decode("ascii", "replace"), what)
         return body
+
+    @staticmethod
+    def _mismatch(mtype, req, tx, rtype, rreq, rtx):
+        """What makes a reply not the request's, or None."""
+        if rreq != req:
+            return "a reply to request %d, not to request %d" % (rreq, req)
+        if rtype not in (mtype, XS_ERROR):
+            return "a reply of type %d to a request of type %d" % (rtype, mtype)
+        if rtx != tx:
+            return "a reply in transaction %d, not in transaction %d" % (rtx, tx)
+        return None
 
     def _drop(self, thread):
         with self._lock:
@@ -223,13 +284,18 @@ class Xenstore:
         return values
 
     def write(self, pairs):
-        """Write {path: value} (ordered) in one transaction; values stored verbatim."""
+        """Write {path: value} (ordered) in one transaction; values stored verbatim.
+
+        A write too big for one request fails before anything is sent (fit() cuts a message)."""
+        writes = [(path, self._path(path) + str(value).encode("utf-8")) for path, value in pairs.items()]
+        for path, payload in writes:
+            if len(payload) > PAYLOAD_MAX:
+                raise _too_big("write %s" % path, payload)
         for _attempt in range(COMMITS):
-            tx = int(self._request(XS_TRANSACTION_START, b"\0", what="transaction start").rstrip(b"\0"))
+            tx = self._transaction_start()
             try:
-                for path, value in pairs.items():
-                    self._request(XS_WRITE, self._path(path) + str(value).encode("utf-8"), tx,
-                                  what="write %s" % path)
+                for path, payload in writes:
+                    self._request(XS_WRITE, payload, tx, what="write %s" % path)
             except XenstoreError:
                 self._end(tx, commit=False)
                 raise
@@ -240,6 +306,16 @@ class Xenstore:
                 if exc.code != "EAGAIN":
                     raise
         raise XenstoreError("xenstore write of %s: the transaction kept conflicting" % ", ".join(pairs))
+
+    def _transaction_start(self):
+        body = self._request(XS_TRANSACTION_START, b"\0", what="transaction start")
+        text = body.rstrip(b"\0")
+        # a decimal uint32, not 0 (no transaction): int() would take " 7", "-1", "1_0"
+        if not text.isdigit() or not 0 < int(text) <= 0xFFFFFFFF:
+            self._drop(threading.get_ident())  # whatever the daemon opened goes with the connection
+            raise XenstoreProtocolError("xenstore transaction start: the daemon answered %r, not a transaction id"
+                                        % text[:40].decode("ascii", "replace"))
+        return int(text)
 
     def _end(self, tx, commit):
         try:

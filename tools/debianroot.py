@@ -84,18 +84,22 @@ def cache_dir():
 
 
 def mirror():
-    """The host's Debian mirror (deb822 sources), e.g. http://deb.debian.org/debian."""
+    """The Debian mirror of this host's deb822 sources (SOURCES): the one place it is
+    written down.  None there: a clear failure, never a mirror of our own choosing."""
     try:
         with open(SOURCES) as f:
             text = f.read()
-    except OSError:
-        text = ""
+    except OSError as exc:
+        text, why = "", exc.strerror
+    else:
+        why = "no stanza for bookworm or trixie with a URIs: line"
     for stanza in text.split("\n\n"):
         if re.search(r"^Suites:.*\b(bookworm|trixie)\b", stanza, re.M) and "-security" not in stanza:
             m = re.search(r"^URIs:\s*(\S+)", stanza, re.M)
             if m:
                 return m.group(1)
-    return "http://deb.debian.org/debian"
+    raise SystemExit("no Debian mirror to build a root from: %s: %s (debootstrap takes the mirror this "
+                     "host's deb822 apt sources name)" % (SOURCES, why))
 
 
 def root_packages(suite):

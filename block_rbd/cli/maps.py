@@ -7,7 +7,7 @@ import click
 
 from .. import attachments, deadline, images
 from ..cluster import Cluster
-from ..errors import BlockRbdError
+from ..errors import BlockRbdError, CorruptRecord
 from ..policy import Request
 from ..registry import Registry
 from ..target import parse
@@ -50,9 +50,9 @@ def unmap_cmd(obj, what):
     else:
         spec = parse(what, config["pool"]).spec
         candidates = [(spec, False), (spec, True)]
-    held = [(spec, ro) for spec, ro in candidates if MANUAL in attachments.holders_of(config, spec, ro)]
+    held = [(spec, ro) for spec, ro in candidates if MANUAL in _holders(config, spec, ro)]
     if not held:
-        others = {h for spec, ro in candidates for h in attachments.holders_of(config, spec, ro)}
+        others = {h for spec, ro in candidates for h in _holders(config, spec, ro)}
         if others:
             raise BlockRbdError("%s is attached to %s; detach it with xl block-detach"
                                 % (what, ", ".join(sorted(others))))
@@ -62,6 +62,15 @@ def unmap_cmd(obj, what):
             click.echo("%s (%s): %s" % (spec, "ro" if ro else "rw",
                                          attachments.detach(config, cluster, spec, ro, MANUAL,
                                                             Registry(config))))
+
+
+def _holders(config, spec, ro):
+    try:
+        return attachments.holders_of(config, spec, ro)
+    except CorruptRecord:
+        # Named by the operator, its record unreadable: detach unmaps what is mapped
+        # (not a device in use) and sets the record aside.
+        return {MANUAL}
 
 
 def _users(row):
@@ -82,13 +91,23 @@ def showmapped_cmd(obj, fmt):
     table = [header] + [
         (r["image"], r["snap"] or "-", r["mode"], r["mapper"] or "-", r["device"] or "(missing)",
          ",".join(_users(r)) or
-         ("-" if r["managed"] else "(not block-rbd)"))
-        for r in rows if not r["pending_release"]]
+         ("(unreadable record)" if r["corrupt"] else "-" if r["managed"] else "(not block-rbd)"))
+        for r in rows if not r["pending_release"] and (r["device"] or not r["corrupt"])]
     echo_table(table)
     for r in rows:
-        if r["pending_release"]:
+        if r["corrupt"]:
+            click.echo(_unreadable(r))
+        elif r["pending_release"]:
             click.echo("pending cluster-wide release: %s by %s (block-rbd release-pending)"
                        % (r["image"], ",".join(_users(r))))
+
+
+def _unreadable(row):
+    """The line of a row whose record (or ledger file) cannot be read: what to do about it."""
+    if row["pending_release"]:
+        return "unreadable ledger file: %s; block-rbd release-pending sets it aside" % row["corrupt"]
+    return ("unreadable record: %s; the remove (or unmap) of its disk unmaps what is mapped and sets it aside"
+            % row["corrupt"])
 
 
 @click.command("status")
@@ -113,6 +132,10 @@ def status_cmd(obj, target, fmt):
         len(facts["snapshots"]), ": " + ", ".join(facts["snapshots"]) if facts["snapshots"] else ""))
     echo_registrations(spec, regs, watchers)
     for row in here:
+        if row["corrupt"]:
+            click.echo(_unreadable(row))
+            if not row["device"]:
+                continue
         if row["pending_release"]:
             click.echo("cluster-wide release pending on this host for %s" % ", ".join(
                 _users(row)))

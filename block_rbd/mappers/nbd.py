@@ -10,7 +10,9 @@ kernel holds their I/O for the reattach timeout, and `block-rbd upkeep`
 attaches a new daemon to a device whose daemon is gone (heal) or, after an
 upgrade of Ceph, replaces each daemon in turn (restart).  The cookie also tells
 which daemon serves which device, whatever /sys/block/nbdN/pid says (the
-kernel keeps the first daemon's pid there after a reattach).
+kernel keeps the first daemon's pid there after a reattach).  A daemon is a
+process run by root from the rbd-nbd executable: any user can name a process
+rbd-nbd and give it a daemon's command line.
 """
 
 import contextlib
@@ -142,9 +144,11 @@ def _devices(sys_root, proc_root):
     pid file names, unless that one carries another cookie (or is gone, or is
     no rbd-nbd: pids are reused), else the daemon whose --cookie is the
     device's backend identifier, or which was attached with --device to it.
+    Only real rbd-nbd daemons count (_daemon_argv).
     """
     found = []
     everyone = None
+    executables = rbd_nbd_executables()
     for pid_file in sorted(glob.glob(os.path.join(sys_root, "block", "nbd*", "pid")),
                            key=lambda p: int(p.split(os.sep)[-2][3:] or 0)):
         name = pid_file.split(os.sep)[-2]
@@ -156,12 +160,12 @@ def _devices(sys_root, proc_root):
             backend = _read(os.path.join(sys_root, "block", name, "backend")).strip()
         except OSError:
             backend = ""  # set up by ioctl, or without an identifier
-        argv = _daemon_argv(proc_root, pid)
+        argv = _daemon_argv(proc_root, pid, executables)
         if argv is not None and backend and option_value(argv, "--cookie") not in (None, backend):
             argv = None  # another device's daemon, with the pid the first one had
         if argv is None:
             if everyone is None:
-                everyone = daemons(proc_root)
+                everyone = daemons(proc_root, executables)
             for other, other_argv in everyone:
                 if ((backend and option_value(other_argv, "--cookie") == backend)
                         or ("attach" in other_argv and option_value(other_argv, "--device") == "/dev/" + name)):
@@ -171,13 +175,65 @@ def _devices(sys_root, proc_root):
     return found
 
 
-def _daemon_argv(proc_root, pid):
+# What the kernel appends to /proc/PID/exe once the file was removed or replaced: an
+# upgrade of rbd-nbd under its running daemons.
+_DELETED = " (deleted)"
+
+
+def rbd_nbd_executables():
+    """The paths /proc/PID/exe of a real rbd-nbd daemon may show: the rbd-nbd block-rbd
+    runs (the first on PATH) and one in each system directory (`rbd device map -t nbd`
+    runs its own directory's), each also with its links resolved as the kernel shows them.
+    By name, not by existence: a daemon outlives the removal of its package."""
+    paths = [os.path.join(d, "rbd-nbd") for d in process.SYSTEM_PATH]
+    on_path = shutil.which("rbd-nbd")
+    if on_path:
+        paths.append(os.path.abspath(on_path))
+    return frozenset(paths) | frozenset(os.path.realpath(p) for p in paths)
+
+
+def _read_at(dir_fd, name):
+    fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
+    with open(fd, "rb") as handle:
+        return handle.read().decode(errors="replace")
+
+
+def _run_by_root(status):
+    """True if /proc/PID/status says real and effective uid 0.  Not the owner of
+    /proc/PID: that is root also for any process that made itself non-dumpable."""
+    for line in status.splitlines():
+        if line.startswith("Uid:"):
+            uids = line.split()[1:]
+            return len(uids) >= 2 and uids[0] == "0" and uids[1] == "0"
+    return False
+
+
+def _daemon_argv(proc_root, pid, executables=None):
+    """The argv of process `pid` if it is a real rbd-nbd daemon, else None.
+
+    comm and cmdline are any process's own to set, and a daemon's --cookie is
+    world-readable: it counts only when run by root from an rbd-nbd executable.
+    Every read goes through one handle on /proc/PID, so a pid reused meanwhile
+    fails them (ESRCH) rather than mixing two processes.
+    """
+    executables = rbd_nbd_executables() if executables is None else executables
     try:
-        if _read(os.path.join(proc_root, str(pid), "comm")).strip() != "rbd-nbd":
-            return None
-        cmdline = _read(os.path.join(proc_root, str(pid), "cmdline"))
+        dir_fd = os.open(os.path.join(proc_root, str(pid)), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError:
         return None
+    try:
+        if _read_at(dir_fd, "comm").strip() != "rbd-nbd" or not _run_by_root(_read_at(dir_fd, "status")):
+            return None
+        exe = os.readlink("exe", dir_fd=dir_fd)  # a zombie's: ENOENT
+        if exe.endswith(_DELETED):
+            exe = exe[:-len(_DELETED)]
+        if exe not in executables:
+            return None
+        cmdline = _read_at(dir_fd, "cmdline")
+    except OSError:
+        return None
+    finally:
+        os.close(dir_fd)
     return cmdline.split("\0") if cmdline else None  # a zombie's is empty: it serves nothing
 
 
@@ -202,20 +258,17 @@ def orphans(sys_root="/sys", proc_root="/proc"):
             if argv is None}
 
 
-def daemons(proc_root="/proc"):
-    """[(pid, argv)] of every rbd-nbd process, connected to a device or not."""
+def daemons(proc_root="/proc", executables=None):
+    """[(pid, argv)] of every real rbd-nbd daemon (_daemon_argv), connected to a device or not."""
+    executables = rbd_nbd_executables() if executables is None else executables
     found = []
-    for comm_file in glob.glob(os.path.join(proc_root, "[0-9]*", "comm")):
-        pid_dir = os.path.dirname(comm_file)
-        try:
-            with open(comm_file) as handle:
-                if handle.read().strip() != "rbd-nbd":
-                    continue
-            with open(os.path.join(pid_dir, "cmdline"), "rb") as handle:
-                argv = handle.read().decode(errors="replace").split("\0")
-        except OSError:
+    for pid_dir in glob.glob(os.path.join(proc_root, "[0-9]*")):
+        name = os.path.basename(pid_dir)
+        if not name.isdigit():
             continue
-        found.append((int(os.path.basename(pid_dir)), argv))
+        argv = _daemon_argv(proc_root, int(name), executables)
+        if argv is not None:
+            found.append((int(name), argv))
     return sorted(found)
 
 

@@ -91,8 +91,9 @@ def test_matrix_through_hotplug(hosts, libxl, ceph_cluster, make_image, requeste
         assert second.returncode == 1
         message = error_of(libxl, path2)
         assert "\n" not in message
-        assert "%s refused: attached %s by VM %s (host host1, domid %d" % (requested, existing, vm_a, domid) \
-            in message, message
+        # the guest reads hotplug-error: the holder's host and domid, not its VM uuid
+        assert "%s refused: attached %s by a VM (host host1, domid %d" % (requested, existing, domid) \
+            in message and vm_a not in message, message
         assert ("the same VM on another host, and this domain is not an incoming live migration"
                 in message) == (who == "created-twice")
         assert "physical-device" not in libxl.keys(path2)
@@ -171,15 +172,15 @@ def test_foreign_watcher_refuses_w_not_r(hosts, libxl, ceph_cluster, make_image,
         addr = handle.get_addrs()
         path, result = add(h1, ceph_cluster, image, "w", 40, None)
         assert result.returncode == 1
-        assert "w refused: watched by client %s outside block-rbd" % addr in error_of(libxl, path)
+        assert "w refused: watched by a client outside block-rbd" in error_of(libxl, path)
+        assert addr not in error_of(libxl, path)
         path_r = attached(h1, ceph_cluster, image, "r", 41, None)
         assert h1.remove(path_r).returncode == 0
         # Once the outside client owns the exclusive lock, r is refused too.
         outside.write(b"x" * 512, 0)
         path_r2, result = add(h1, ceph_cluster, image, "r", 42, None)
         assert result.returncode == 1
-        assert "r refused: client %s outside block-rbd owns the exclusive lock" % addr \
-            in error_of(libxl, path_r2)
+        assert "r refused: a client outside block-rbd owns the exclusive lock" in error_of(libxl, path_r2)
         # Forced modes are never refused.
         path_f = attached(h1, ceph_cluster, image, "r!", 43, None)
         assert h1.remove(path_f).returncode == 0

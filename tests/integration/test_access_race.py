@@ -93,6 +93,6 @@ def test_race_through_hotplug(ceph_cluster, make_image, libxl, tmp_path):
             p.stderr.close()
         assert sorted(codes) == [0, 1], codes
         loser = codes.index(1)
-        assert "w refused: attached w by VM" in libxl.keys(paths[loser])["hotplug-error"]
+        assert "w refused: attached w by a VM" in libxl.keys(paths[loser])["hotplug-error"]
         for h, p in zip(hosts, paths):
             assert h.remove(p).returncode == 0

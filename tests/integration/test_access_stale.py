@@ -59,7 +59,7 @@ def test_kill9_refuse_then_break_lock(three_hosts, libxl, ceph_cluster, make_ima
     elapsed = time.monotonic() - started
     assert result.returncode == 1
     error = libxl.keys(path2)["hotplug-error"]
-    assert "w refused: stale attachment w by VM" in error and "client %s" % addr in error
+    assert "w refused: stale attachment w by a VM" in error and addr not in error  # the guest reads it
     fence = "block-rbd break-lock %s/%s host1:%s" % (ceph_cluster.pool, image, path1)
     assert fence in error
     assert elapsed < 5 + 2  # the check itself is bounded; the rest is process start-up

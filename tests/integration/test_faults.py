@@ -111,6 +111,36 @@ def test_remove_with_nothing_mapped_here_never_contacts_the_cluster(libxl, confi
     assert "nothing to do" in (tmp_path / "xen-hotplug.log").read_text()
 
 
+def test_remove_with_a_truncated_record_unmaps_and_sets_it_aside(libxl, config_path, make_image, ceph_cluster,
+                                                                  tmp_path):
+    """The record of a mapping cut short (a full disk, a crash): named by showmapped and doctor;
+    remove still unmaps (the mapper finds the device) and releases, then sets the record aside."""
+    from block_rbd import config as config_mod
+    from block_rbd.state import local_state
+
+    image = make_image(size=8 * MiB)
+    path = libxl.backend("%s:%s" % (ceph_cluster.pool, image))
+    assert libxl.run("add", path).returncode == 0
+    device = libxl.keys(path)["physical-device-path"]
+    state = local_state(config_mod.load(config_path))
+    (record,) = [os.path.join(state.maps_dir, n) for n in os.listdir(state.maps_dir)]
+    with open(record, "r+") as handle:
+        handle.truncate(40)
+    rows = json.loads(cli(config_path, "showmapped", "--format", "json").stdout)
+    assert [(r["device"], r["managed"], r["corrupt"].split(": unreadable (")[0]) for r in rows] == [
+        (device, True, record)]
+    assert "unreadable record: %s: unreadable (not JSON" % record in cli(config_path, "showmapped").stdout
+    assert "%s: unreadable (not JSON" % record in cli(config_path, "doctor").stdout
+    result = libxl.run("remove", path)
+    assert result.returncode == 0, result.stderr
+    assert leftovers(config_path) == NOTHING  # unmapped, nothing pending
+    assert registrations(ceph_cluster, image) == []
+    assert os.listdir(state.maps_dir) == [os.path.basename(record) + ".corrupt"]
+    log_text = (tmp_path / "xen-hotplug.log").read_text()
+    assert "set the unreadable record %s aside as %s.corrupt" % (record, record) in log_text
+    assert "internal error" not in log_text and "hotplug-error" not in libxl.keys(path)
+
+
 def test_a_leftover_registration_of_this_host_is_dropped_not_fenced(libxl, config_path, make_image,
                                                                      ceph_cluster, tmp_path):
     """A run killed after registering, whose local record is gone: this host's to clean up."""

@@ -55,7 +55,7 @@ def test_map_showmapped_unmap_by_target(config_path, make_image, rbd_admin):
 
     assert showmapped() == [{"image": "rbd/%s" % image, "snap": None, "mode": "rw", "mapper": "fuse",
                              "device": device, "backends": [], "manual": True, "managed": True,
-                             "pending_release": False}]
+                             "pending_release": False, "corrupt": None}]
     plain = showmapped("plain").splitlines()
     assert plain[0].split() == ["IMAGE", "SNAP", "MODE", "MAPPER", "DEVICE", "USED", "BY"]
     assert plain[1].split() == ["rbd/%s" % image, "-", "rw", "fuse", device, "manual"]

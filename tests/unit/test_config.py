@@ -2,6 +2,7 @@
 
 import os
 import socket
+import time
 
 import pytest
 
@@ -179,3 +180,151 @@ def test_yaml_is_loaded_safely(tmp_path):
     path = write(tmp_path, "pool: !!python/object/apply:os.system ['true']\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load(path)
+
+
+# ---- attacks ----------------------------------------------------------------------------
+
+def test_a_byte_that_is_not_utf8_is_one_line_not_a_traceback(tmp_path):
+    path = tmp_path / "block-rbd.yaml"
+    path.write_bytes(b"pool: rbd\nhost: caf\xe9\n")
+    with pytest.raises(ConfigError) as info:
+        load(str(path))
+    assert str(info.value) == "%s: line 2: not UTF-8 text (byte 0xe9)" % path
+
+
+@pytest.mark.parametrize("key", ["connect", "op", "map", "unmap", "lock", "hotplug"])
+@pytest.mark.parametrize("value", [".inf", "-.inf", ".nan", "1e400", "3601"])
+def test_timeouts_are_finite_and_sane(tmp_path, key, value):
+    path = write(tmp_path, "timeouts:\n  %s: %s\n" % (key, value))
+    with pytest.raises(ConfigError, match="timeouts.%s = .*: expected seconds" % key):
+        load(path)
+
+
+@pytest.mark.parametrize("digits", [400, 5000])
+def test_a_huge_integer_timeout_is_one_line(tmp_path, digits):
+    path = write(tmp_path, "timeouts:\n  op: 1%s\n" % ("0" * digits))
+    with pytest.raises(ConfigError, match="timeouts.op = .*: expected seconds > 0, at most 3600|"
+                                          "not valid YAML: Exceeds the limit") as info:
+        load(path)
+    assert len(str(info.value)) - len(path) < 200 and "\n" not in str(info.value)
+
+
+def test_access_timeout_is_finite_too():
+    with pytest.raises(ConfigError, match="access.timeout = inf: expected seconds > 0, at most 3600"):
+        from_dict({"access": {"timeout": float("inf")}})
+    assert from_dict({"timeouts": {"map": 3600, "op": 0.5}})["timeouts.map"] == 3600
+
+
+# "Billion laughs", kept to a million here (each level ten times the one before): a few
+# hundred bytes of YAML, megabytes once written out.
+LAUGHS = "pool:\n  - &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+    "  - &%s [%s]\n" % (level, ", ".join(["*" + chr(ord(level) - 1)] * 10)) for level in "bcdef")
+
+
+def test_yaml_aliases_are_refused_in_one_short_line(tmp_path):
+    path = write(tmp_path, LAUGHS)
+    started = time.monotonic()
+    with pytest.raises(ConfigError) as info:
+        load(path)
+    assert time.monotonic() - started < 2
+    message = str(info.value)
+    assert message == "%s: line 3: not valid YAML: alias *a: YAML aliases are not allowed here" % path
+
+
+def test_a_huge_value_is_shown_bounded():
+    nested = ["x" * 100] * 10
+    for _ in range(4):
+        nested = [nested] * 10  # 10^5 strings, 10 MB written out in full: what an alias costs
+    with pytest.raises(ConfigError) as info:
+        from_dict({"pool": nested, "host": "h"})
+    assert len(str(info.value)) < 200 and str(info.value).startswith("<dict>: pool = [[")
+    with pytest.raises(ConfigError) as info:
+        from_dict({"x" * 10000: 1})
+    assert len(str(info.value)) < 200
+
+
+@pytest.mark.parametrize("key", ["krbd", "nbd"])
+@pytest.mark.parametrize("option", ["--log-file=/etc/passwd", "log_file=/etc/passwd", "-x", "a b", "Bad",
+                                    "keyring=k", "id=admin", "queue_depth=1\n", "a,b"])
+def test_mapper_options_are_checked_as_map_options(tmp_path, key, option):
+    with pytest.raises(ConfigError) as info:
+        from_dict({key: {"options": ["notrim", option]}}, "/etc/xen/block-rbd.yaml")
+    assert str(info.value).startswith("/etc/xen/block-rbd.yaml: %s.options = ['notrim', " % key)
+    assert "expected a list of" in str(info.value) and "KEY or KEY=VALUE, as map_options=" in str(info.value)
+
+
+def test_good_mapper_options_pass():
+    cfg = from_dict({"krbd": {"options": ["ms_mode=prefer-crc", "queue_depth=128"]},
+                     "nbd": {"options": ["rbd_cache=false", "io_timeout=30", "try_netlink"]}})
+    assert cfg["nbd.options"] == ["rbd_cache=false", "io_timeout=30", "try_netlink"]
+
+
+@pytest.mark.parametrize("mode", [0o666, 0o646, 0o664, 0o620])
+def test_a_config_writable_by_others_is_refused(tmp_path, mode):
+    path = write(tmp_path, "pool: tank\n")
+    os.chmod(path, mode)
+    with pytest.raises(ConfigError) as info:
+        load(path)
+    assert str(info.value) == "%s is writable by others (mode %04o): refusing it" % (path, mode)
+
+
+def test_a_config_not_owned_by_root_is_refused(tmp_path):
+    path = write(tmp_path, "pool: tank\n")
+    os.chown(path, 65534, 65534)
+    with pytest.raises(ConfigError) as info:
+        load(path)
+    assert str(info.value) == "%s is owned by uid 65534, not root (mode 0644): refusing it" % path
+
+
+def test_a_config_in_a_directory_others_can_write_is_refused(tmp_path):
+    os.chmod(tmp_path, 0o777)  # anyone could put another file in its place
+    path = write(tmp_path, "pool: tank\n")
+    with pytest.raises(ConfigError) as info:
+        load(path)
+    assert str(info.value) == "%s is writable by others (mode 0777): refusing it" % tmp_path
+
+
+def test_a_config_in_a_sticky_directory_like_tmp_is_fine(tmp_path):
+    os.chmod(tmp_path, 0o1777)  # others cannot replace root's file there
+    assert load(write(tmp_path, "pool: tank\n"))["pool"] == "tank"
+
+
+def test_a_config_reached_by_a_link_is_checked_where_it_is(tmp_path):
+    real = tmp_path / "real"
+    real.mkdir()
+    os.chmod(real, 0o777)
+    target = write(real, "pool: tank\n")
+    os.symlink(target, tmp_path / "block-rbd.yaml")
+    with pytest.raises(ConfigError, match="%s is writable by others" % real):
+        load(str(tmp_path / "block-rbd.yaml"))
+
+
+def test_the_test_configs_umask_022_and_root_are_accepted(tmp_path):
+    old = os.umask(0o022)
+    try:
+        assert load(write(tmp_path, "pool: tank\n"))["pool"] == "tank"
+    finally:
+        os.umask(old)
+
+
+@pytest.mark.parametrize("mode, owner, fault", [
+    (0o666, 0, "is writable by others (mode 0666)"),
+    (0o620, 0, "is writable by others (mode 0620)"),
+    (0o600, 65534, "is owned by uid 65534, not root (mode 0600)"),
+])
+def test_a_keyring_others_could_change_is_refused(tmp_path, mode, owner, fault):
+    keyring = tmp_path / "k.keyring"
+    keyring.write_text("[client.admin]\n\tkey = AQ==\n")
+    os.chmod(keyring, mode)
+    os.chown(keyring, owner, 0)
+    cfg = from_dict({"ceph": {"keyring": str(keyring)}})
+    with pytest.raises(ConfigError) as info:
+        cfg.keyring
+    assert str(info.value) == "%s %s: refusing it" % (keyring, fault)
+
+
+def test_a_private_keyring_is_used(tmp_path):
+    keyring = tmp_path / "k.keyring"
+    keyring.write_text("[client.admin]\n\tkey = AQ==\n")
+    os.chmod(keyring, 0o600)
+    assert from_dict({"ceph": {"keyring": str(keyring)}}).keyring == str(keyring)

@@ -15,7 +15,8 @@ from block_rbd.cluster import Cluster
 from block_rbd.policy import Request
 from block_rbd.mappers.base import Mapping
 from block_rbd.target import ImageSpec
-from block_rbd.errors import XenstoreError
+from block_rbd import xenstore as xs_mod
+from block_rbd.errors import AccessRefused, BlockRbdError, XenstoreError
 from block_rbd.xenstore import Xenstore
 
 PATH = "backend/vbd/5/51712"
@@ -353,3 +354,59 @@ def test_backend_vm_uuid(xenstored):
     assert backend.vm_uuid("9") is None
     xenstored.write("/local/domain/9/vm", "/vm/abc")
     assert backend.vm_uuid("9") == "abc"
+
+
+# ---- attack: a failure too long for xenstore, a daemon that answers nonsense ----------------------
+
+@pytest.mark.parametrize("char", ["x", "\u00e9", "\u2603"], ids=["ascii", "2-byte", "3-byte"])
+def test_attack_a_10_kb_error_arrives_cut_and_the_status_is_still_written(setup, mocker, char):
+    """A refusal listing many holders, past xenstore's 4096 bytes: xenstored dropped the
+    connection, and neither hotplug-error nor hotplug-status=error was written."""
+    mocker.patch.object(hotplug, "Cluster")
+    mocker.patch.object(hotplug, "Registry")
+    refusal = "refused: held by " + ", ".join("backend/vbd/%d/51712 (%s)" % (i, char * 4) for i in range(400))
+    assert len(refusal.encode()) > 10000
+    mocker.patch.object(attachments, "attach", side_effect=BlockRbdError(refusal))
+    assert run("add") == 1
+    got = keys(setup.xs)
+    assert got["hotplug-status"] == "error"
+    error = got["hotplug-error"]
+    assert error.endswith("\u2026") and ("add failed: " + refusal).startswith(error[:-1])
+    assert 4096 - 4 < len(PATH) + 1 + len("/hotplug-error") + len(error.encode()) <= 4096
+    assert ("add failed: " + refusal) in setup.log.read_text()  # the log has it whole
+
+
+def test_attack_a_transaction_id_that_is_no_number_fails_the_run_in_one_line(setup, mocker):
+    """A non-numeric transaction id escaped as ValueError: a traceback, no exit code, no line."""
+    mocker.patch.object(hotplug, "Cluster")
+    mocker.patch.object(hotplug, "Registry")
+    mocker.patch.object(attachments, "attach", side_effect=BlockRbdError("the image is busy"))
+    real = Xenstore._request
+
+    def request(self, mtype, payload, tx=0, what="xenstore"):
+        if mtype == xs_mod.XS_TRANSACTION_START:
+            real(self, mtype, payload, tx, what)
+            return b"garbage\0"
+        return real(self, mtype, payload, tx, what)
+    mocker.patch.object(Xenstore, "_request", request)
+    assert run("add") == 1
+    logged = setup.log.read_text()
+    assert "add failed: the image is busy" in logged
+    assert ("could not report the failure in xenstore: xenstore transaction start: the daemon answered "
+            "'garbage', not a transaction id") in logged
+    assert "Traceback" not in logged
+
+
+def test_attack_the_guest_reads_no_other_vms_uuid_or_client_in_a_refusal(setup, mocker):
+    """A refusal carried the holder's VM uuid and Ceph client address into hotplug-error,
+    which the frontend (the refused guest) can read; the log and stderr keep them."""
+    mocker.patch.object(hotplug, "Cluster")
+    mocker.patch.object(hotplug, "Registry")
+    full = ("rbd/vm1: w refused: attached w by VM 0db9c7fb-caa4-4814-bce6-4701cf0e0222 (host xen-a, "
+            "domid 1, devid 51712, client 10.250.250.2:0/1633987285, since 2026-12-07T22:51:09Z)")
+    public = "rbd/vm1: w refused: attached w by a VM (host xen-a, domid 1, devid 51712, since 2026-12-07T22:51:09Z)"
+    mocker.patch.object(attachments, "attach", side_effect=AccessRefused(full, public))
+    assert run("add") == 1
+    got = keys(setup.xs)
+    assert got["hotplug-error"] == "add failed: " + public and got["hotplug-status"] == "error"
+    assert setup.log.read_text().count("add failed: " + full) == 1

@@ -5,8 +5,11 @@ Discovery reads what rbd-nbd's own list-mapped reads, here in a fake /sys and
 /sys/devices/virtual/block/nbdN, whose `ro` always exists and whose `pid`
 exists only while the device is connected, holding the daemon's pid and a
 newline (drivers/block/nbd.c, pid_show); /proc/PID/comm is the daemon's name
-and a newline; /proc/PID/cmdline its argv, each argument ending in a NUL.
-A zombie keeps its comm and has an empty cmdline.
+and a newline; /proc/PID/cmdline its argv, each argument ending in a NUL;
+/proc/PID/status has "Uid:" and the real, effective, saved and fs uids, tab-separated;
+/proc/PID/exe links to the executable's path, " (deleted)" appended once that file
+was removed or replaced (a package upgrade).  A zombie keeps its comm and has an
+empty cmdline.
 
 `rbd device map -t nbd` spawns rbd-nbd as src/tools/rbd/action/Nbd.cc
 (call_nbd_cmd, execute_map) does: argv[0] is the rbd binary's path with
@@ -35,6 +38,8 @@ from block_rbd.state import Holder, LocalState, MapRecord
 from block_rbd.target import ImageSpec
 
 NBDS_MAX = 16  # the nbd module's default number of devices
+RBD_NBD = "/usr/bin/rbd-nbd"  # Debian's rbd-nbd: what /proc/PID/exe of its daemons links to
+NOBODY = 65534
 
 
 class Host:
@@ -62,14 +67,20 @@ class Host:
     def _dev(self, device):
         return os.path.join(self.sys_root, "block", os.path.basename(device))
 
-    def spawn(self, argv, comm="rbd-nbd"):
-        """A process with this argv; its pid."""
+    def spawn(self, argv, comm="rbd-nbd", uid=0, exe=RBD_NBD):
+        """A process with this argv, run by `uid` from `exe` (None: no exe link); its pid."""
         pid = self._next_pid
         self._next_pid += 66
         os.makedirs(os.path.join(self.proc_root, str(pid)))
         self._write(os.path.join(self.proc_root, str(pid), "comm"), comm + "\n")
         self._write(os.path.join(self.proc_root, str(pid), "cmdline"),
                     b"".join(a.encode() + b"\0" for a in argv), "wb")
+        self._write(os.path.join(self.proc_root, str(pid), "status"),
+                    "Name:\t%s\nUmask:\t0022\nState:\tS (sleeping)\nTgid:\t%d\nPid:\t%d\nPPid:\t1\n"
+                    "Uid:\t%d\t%d\t%d\t%d\nGid:\t%d\t%d\t%d\t%d\n"
+                    % ((comm[:15], pid, pid) + (uid,) * 8))
+        if exe is not None:
+            os.symlink(exe, os.path.join(self.proc_root, str(pid), "exe"))  # dangling here: only read
         return pid
 
     def connect(self, device, pid, read_only=False, backend=None):
@@ -81,8 +92,8 @@ class Host:
         if backend:
             self._write(os.path.join(self._dev(device), "backend"), backend + "\n")
 
-    def daemon(self, device, argv, read_only=False, comm="rbd-nbd", backend=None):
-        pid = self.spawn(argv, comm)
+    def daemon(self, device, argv, read_only=False, comm="rbd-nbd", backend=None, uid=0, exe=RBD_NBD):
+        pid = self.spawn(argv, comm, uid, exe)
         self.connect(device, pid, read_only, backend)
         return pid
 
@@ -110,6 +121,8 @@ class Host:
 
     def zombie(self, pid):
         self._write(os.path.join(self.proc_root, str(pid), "cmdline"), "")
+        if os.path.lexists(os.path.join(self.proc_root, str(pid), "exe")):
+            os.unlink(os.path.join(self.proc_root, str(pid), "exe"))  # readlink: ENOENT
 
     def connected(self):
         return sorted(n for n in os.listdir(os.path.join(self.sys_root, "block"))
@@ -723,6 +736,73 @@ def test_a_pid_reused_by_another_devices_daemon_is_not_taken_for_it(host, mapper
     host.connect("/dev/nbd0", pid, backend="cookie-a")  # nbd0's pid file holds the reused pid
     assert [(m.device, str(m.spec)) for m in mapper.mapped()] == [("/dev/nbd1", "rbd/other")]
     assert orphans(host.sys_root, host.proc_root) == {"/dev/nbd0": "cookie-a"}
+
+
+# ---- attack: processes that only claim to be rbd-nbd -----------------------------------------------
+
+FORGERIES = [
+    pytest.param({"uid": NOBODY}, id="run-by-nobody"),
+    pytest.param({"uid": NOBODY, "exe": RBD_NBD}, id="the-real-binary-run-by-nobody"),
+    pytest.param({"exe": "/usr/bin/python3"}, id="root-but-python3"),
+    pytest.param({"exe": "/tmp/rbd-nbd"}, id="root-but-another-rbd-nbd"),
+    pytest.param({"exe": "/usr/bin/python3 (deleted)"}, id="root-but-deleted-python3"),
+    pytest.param({"exe": None}, id="no-exe-to-read"),
+]
+
+
+@pytest.mark.parametrize("forged", FORGERIES)
+def test_attack_a_forged_daemon_is_not_taken_for_a_healed_devices(mapper, rbd_nbd, host, config, forged):
+    """comm and argv are a process's own to set, and --cookie is world-readable: a process
+    named rbd-nbd with a healed device's cookie or `attach --device`, at a lower pid than the
+    real new daemon, made find() report /dev/nbd0 as serving the attacker's image."""
+    mapping = mapper.map(ImageSpec("rbd", "vm1"), False)
+    cookie = mapping.details["cookie"]
+    first = mapper.serving("/dev/nbd0")
+    host.exit(first)  # the kernel keeps its pid in /sys/block/nbd0/pid
+    evil = ImageSpec("rbd", "evil")
+    forgeries = [host.spawn(["rbd-nbd", "attach", "rbd/evil", "--device", "/dev/nbd0"], **forged),
+                 host.spawn(["rbd-nbd", "map", "rbd/evil", "--cookie", cookie], **forged)]
+    assert mapper.find(evil, False) is None and mapper.mapped() == []
+    assert orphans(host.sys_root, host.proc_root) == {"/dev/nbd0": cookie}
+    new = mapper.attach(record_of(nbd_mod.local_state(config), mapping))
+    assert max(forgeries) < new
+    (found,) = discover(host.sys_root, host.proc_root)
+    assert (found.spec, found.device, found.details["pid"]) == (ImageSpec("rbd", "vm1"), "/dev/nbd0", new)
+    assert mapper.find(evil, False) is None
+    assert [pid for pid, _argv in nbd_mod.daemons(host.proc_root)] == [new]
+
+
+@pytest.mark.parametrize("forged", FORGERIES)
+def test_attack_a_forged_daemon_at_the_pid_the_kernel_names_is_not_its_daemon(host, mapper, config, forged):
+    """The dead daemon's pid, reused by a forgery with the device's cookie: no daemon serves it."""
+    pid = host.daemon("/dev/nbd0", ours(config, ImageSpec("rbd", "evil"), cookie="c0"), backend="c0", **forged)
+    assert mapper.mapped() == [] and orphans(host.sys_root, host.proc_root) == {"/dev/nbd0": "c0"}
+    assert pid not in [p for p, _argv in nbd_mod.daemons(host.proc_root)]
+
+
+@pytest.mark.parametrize("forged", FORGERIES)
+def test_attack_a_given_up_maps_undo_signals_no_forged_daemon(mapper, host, config, signals, kernel, forged):
+    host.spawn(ours(config, ImageSpec("rbd", "vm1")), **forged)
+    mapper.discard_partial(ImageSpec("rbd", "vm1"), False)
+    assert signals.sent == [] and kernel.calls == []
+
+
+@pytest.mark.parametrize("exe", [RBD_NBD + " (deleted)", "/usr/sbin/rbd-nbd", "/usr/local/bin/rbd-nbd"])
+def test_a_daemon_of_the_real_rbd_nbd_is_found_also_after_an_upgrade_replaced_it(host, mapper, config, exe):
+    """An upgrade replaces /usr/bin/rbd-nbd under running daemons: their exe says " (deleted)"."""
+    pid = host.daemon("/dev/nbd2", ours(config, ImageSpec("rbd", "vm1")), exe=exe)
+    assert [(m.device, m.details["pid"]) for m in mapper.mapped()] == [("/dev/nbd2", pid)]
+
+
+def test_a_daemon_of_the_rbd_nbd_on_path_is_found(host, mapper, config, monkeypatch, tmp_path):
+    """block-rbd runs `rbd-nbd` from PATH: that one is the real one too."""
+    tool = tmp_path / "opt" / "rbd-nbd"
+    tool.parent.mkdir()
+    tool.write_text("#!/bin/sh\n")
+    tool.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tool.parent) + ":/usr/bin")
+    pid = host.daemon("/dev/nbd1", ours(config, ImageSpec("rbd", "vm1")), exe=str(tool))
+    assert [m.details["pid"] for m in mapper.mapped()] == [pid]
 
 
 def test_a_device_whose_daemon_is_gone_is_unmapped_through_netlink(mapper, rbd_nbd, host, config, kernel):

@@ -5,7 +5,7 @@ import itertools
 import pytest
 
 from block_rbd import policy
-from block_rbd.errors import AccessDenied
+from block_rbd.errors import AccessDenied, AccessRefused
 from block_rbd.policy import ALIVE, PENDING, STALE, Registration
 
 MODES = ("r", "w", "r!", "w!")
@@ -213,3 +213,48 @@ def test_local_leftovers():
     assert policy.local_leftovers(regs, "h2", set()) == [other_host]
     assert policy.local_leftovers([], HERE, set()) == []
 
+
+
+# ---- attack: what another VM's guest reads in hotplug-error --------------------------
+# hotplug-error is in the backend directory, which the frontend can read: a refusal's
+# `public` form names the holder's host and domid, never its VM uuid or client address.
+
+@pytest.mark.parametrize("state", [ALIVE, PENDING, STALE])
+@pytest.mark.parametrize("requested", ["r", "w"])
+def test_a_refusal_shows_the_guest_no_uuid_and_no_client(requested, state):
+    with pytest.raises(AccessRefused) as info:
+        decide("rbd/img", requested, VM_A, [reg("w", state=state)])
+    full, public = str(info.value), info.value.public
+    assert VM_B in full and "10.0.0.2:0/7" in full  # the log and the operator still get it all
+    for secret in (VM_B, "10.0.0.2", "client 1", "client (mapping)"):
+        assert secret not in public
+    assert "\n" not in public
+    assert public.startswith("rbd/img: %s refused: %s w by a VM (host h2, domid 7, devid 51712, "
+                             "since 2023-11-14T22:13:20Z)" % (requested, "stale attachment" if state == STALE
+                                                              else "attached"))
+    if state == STALE:
+        assert public.endswith("if host h2 is really down, fence it: "
+                               "block-rbd break-lock rbd/img h2:backend/vbd/7/51712")
+
+
+def test_a_refusal_by_a_dom0_holder_says_dom0():
+    with pytest.raises(AccessRefused) as info:
+        decide("rbd/img", "w", VM_A, [reg("w", vm=None, domid="0", holder="manual")])
+    assert info.value.public == "rbd/img: w refused: attached w by dom0 (host h2, domid 0, devid 51712, " \
+                                "since 2023-11-14T22:13:20Z)"
+
+
+def test_refusals_for_clients_outside_block_rbd_do_not_show_their_addresses():
+    with pytest.raises(AccessRefused) as info:
+        decide("rbd/img", "w", VM_A, [], foreign_watchers=["10.9.9.9:0/1", "10.9.9.8:0/2"])
+    assert "10.9.9.9:0/1" in str(info.value)
+    assert info.value.public == "rbd/img: w refused: watched by 2 clients outside block-rbd"
+    with pytest.raises(AccessRefused) as info:
+        decide("rbd/img", "r", VM_A, [], foreign_lock_owners=["10.9.9.9:0/1"])
+    assert info.value.public == "rbd/img: r refused: a client outside block-rbd owns the exclusive lock"
+
+
+def test_an_image_name_with_a_percent_sign_is_shown_as_it_is():
+    with pytest.raises(AccessRefused) as info:
+        decide("rbd/img%s%d", "w", VM_A, [reg("w")])
+    assert info.value.public.startswith("rbd/img%s%d: w refused: attached w by a VM")

@@ -11,7 +11,7 @@ import pytest
 
 from block_rbd import deadline
 from block_rbd import state as state_mod
-from block_rbd.errors import HotplugTimeout, LockTimeout, StateError
+from block_rbd.errors import CorruptRecord, HotplugTimeout, LockTimeout, StateError
 from block_rbd.mappers.base import Mapping
 from block_rbd.state import RECORD_VERSION, Holder, LocalState, MapRecord, PendingRelease
 from block_rbd.target import ImageSpec
@@ -541,14 +541,17 @@ def test_pending_releases_an_older_block_rbd_kept_under_state_dir_are_finished_t
     assert ledger.pending() == [] and old.pending() == []
 
 
-def test_a_corrupt_note_is_named_and_left_alone(ledger, caplog):
+def test_a_corrupt_note_is_named_and_left_out(ledger):
     os.makedirs(ledger.registered_dir)
     with open(os.path.join(ledger.registered_dir, "junk.json"), "w") as handle:
         json.dump({"image": "rbd/vm1"}, handle)
     with open(os.path.join(ledger.registered_dir, "rbd.vm1.x.json"), "w") as handle:
         handle.write("{")
     assert ledger.pending() == []
-    assert any("junk.json: not a registration note, left as it is" in r.getMessage() for r in caplog.records)
+    assert sorted(str(bad) for bad in ledger.corrupt_ledger()) == [
+        "%s/junk.json: unreadable (no field 'holder')" % ledger.registered_dir,
+        "%s/rbd.vm1.x.json: unreadable (not JSON: Expecting property name enclosed in double quotes: "
+        "line 1 column 2 (char 1))" % ledger.registered_dir]
 
 
 def test_the_boot_id_is_the_kernels(tmp_path):
@@ -556,3 +559,207 @@ def test_the_boot_id_is_the_kernels(tmp_path):
     path.write_text("0f8f7e6d-aaaa-bbbb-cccc-111122223333\n")
     assert state_mod.boot_id.__wrapped__(str(path)) == "0f8f7e6d-aaaa-bbbb-cccc-111122223333"
     assert state_mod.boot_id.__wrapped__(str(tmp_path / "none")) == ""
+
+
+# ---- attacks: a corrupt record, an untrusted directory, a planted link ----------------
+
+def _spoil(path, text):
+    with open(path, "w") as handle:
+        handle.write(text)
+
+
+@pytest.mark.parametrize("text, problem", [
+    ('{"image": "rbd/vm1", "read_o', "not JSON: Unterminated string starting at: line 1 column 22 (char 21)"),
+    ("", "not JSON: Expecting value: line 1 column 1 (char 0)"),
+    ('{"image": "rbd/vm1", "holders": {}}', "no field 'read_only'"),
+    ('{"read_only": false}', "no field 'image'"),
+    ('{"image": "rbd/vm1", "read_only": "yes"}', "field 'read_only' is 'yes'"),
+    ('{"image": 7, "read_only": false}', "field 'image' is 7"),
+    ('{"image": "rbd/-x", "read_only": false}',
+     "image 'rbd/-x': image name '-x' starts with '-', which is not allowed"),
+    ('{"image": "rbd/vm1", "read_only": false, "holders": []}', "field 'holders' is []"),
+    ('{"image": "rbd/vm1", "read_only": false, "holders": {"manual": {"since": 1}}}', "no field 'mode'"),
+    ('{"image": "rbd/vm1", "read_only": false, "holders": {"manual": {"mode": "rw"}}}',
+     "holder 'manual' has mode 'rw'"),
+    ('{"image": "rbd/vm1", "read_only": false, "holders": {"m": {"mode": "w", "since": Infinity}}}',
+     "field 'since' is inf"),
+    ('{"image": "rbd/vm1", "read_only": false, "mapper": "floppy"}', "mapper 'floppy'"),
+    ('[1, 2]', "not a JSON object"),
+    ('{"version": "3", "image": "rbd/vm1", "read_only": false}', "version '3'"),
+    ("not UTF-8", None),
+])
+def test_a_corrupt_record_is_named_with_what_is_wrong(state, text, problem):
+    state.save(MapRecord("rbd/vm1", False))
+    path = state._path(SPEC, False)
+    if problem is None:  # not UTF-8
+        with open(path, "wb") as handle:
+            handle.write(b'{"image": "rbd/vm1", "read_only": false, "x": "caf\xe9"}')
+        problem = "not UTF-8 text"
+    else:
+        _spoil(path, text)
+    with pytest.raises(CorruptRecord) as info:
+        state.load(SPEC, False)
+    assert str(info.value) == "%s: unreadable (%s)" % (path, problem)
+    assert (info.value.path, info.value.problem) == (path, problem)
+    assert state.records() == []  # left out of listings ...
+    assert [str(bad) for bad in state.corrupt_records()] == [str(info.value)]  # ... but named
+    with pytest.raises(CorruptRecord):
+        state.holders_of_image(SPEC)  # what needs every holder of the image refuses
+    assert state.holders_of_image(ImageSpec("rbd", "vm2")) == set()  # another image goes on
+
+
+def test_a_corrupt_record_is_set_aside_and_a_new_one_can_be_written(state):
+    state.save(MapRecord("rbd/vm1", False))
+    path = state._path(SPEC, False)
+    _spoil(path, "{")
+    assert state.set_aside(SPEC, False) == path + ".corrupt"
+    assert not os.path.exists(path) and open(path + ".corrupt").read() == "{"
+    assert state.corrupt_records() == [] and state.set_aside_files() == [path + ".corrupt"]
+    state.save(MapRecord("rbd/vm1", False))
+    assert state.load(SPEC, False) == MapRecord("rbd/vm1", False)
+
+
+def test_a_record_rewritten_meanwhile_is_not_set_aside(state):
+    state.save(MapRecord("rbd/vm1", False))  # good again by the time set_aside looks
+    assert state.set_aside(SPEC, False) is None
+    assert state.load(SPEC, False) == MapRecord("rbd/vm1", False) and state.set_aside_files() == []
+
+
+@pytest.mark.parametrize("data, problem", [
+    ({"image": "rbd/vm1", "since": 1}, "no field 'holder'"),
+    ({"image": "rbd/vm1", "holder": "manual"}, "no field 'since'"),
+    ({"image": 3, "holder": "manual", "since": 1}, "field 'image' is 3"),
+    ({"image": "rbd/vm1", "holder": "", "since": 1}, "empty holder"),
+    ({"image": "rbd/vm1", "holder": "manual", "since": "yesterday"}, "field 'since' is 'yesterday'"),
+    (["rbd/vm1"], "not a JSON object"),
+])
+def test_a_corrupt_pending_release_is_named_and_set_aside_never_crashing(ledger, data, problem):
+    ledger.pend_release(SPEC, "manual")
+    path = ledger._pending_path(SPEC, BACKEND)
+    with open(path, "w") as handle:
+        json.dump(data, handle)
+    assert [p.holder for p in ledger.pending()] == ["manual"]  # the good one is still done
+    (bad,) = ledger.corrupt_ledger()
+    assert str(bad) == "%s: unreadable (%s)" % (path, problem)
+    assert ledger.set_aside_ledger(bad) == path + ".corrupt"
+    assert ledger.corrupt_ledger() == [] and ledger.set_aside_files() == [path + ".corrupt"]
+
+
+@pytest.mark.parametrize("which", ["state", "ledger"])
+@pytest.mark.parametrize("mode", [0o777, 0o770, 0o722, 0o1777])
+def test_a_state_or_ledger_dir_others_can_write_is_refused(tmp_path, which, mode):
+    state = LocalState(str(tmp_path / "state"), lock_timeout=0.5, ledger_dir=str(tmp_path / "ledger"))
+    directory = tmp_path / which
+    directory.mkdir()
+    os.chmod(directory, mode)
+    message = "%s_dir %s is writable by others (mode %04o): refusing it" % (which, directory, mode)
+    calls = {
+        "state": [lambda: state.save(MapRecord("rbd/vm1", False)), lambda: state.records(),
+                  lambda: state.load(SPEC, False), lambda: state.lock(SPEC).__enter__(),
+                  lambda: state.claim("upkeep").__enter__()],
+        "ledger": [lambda: state.pend_release(SPEC, BACKEND), lambda: state.note_registered(SPEC, BACKEND),
+                   lambda: state.pending(), lambda: state.corrupt_ledger()],
+    }[which]
+    for call in calls:
+        with pytest.raises(StateError) as info:
+            call()
+        assert str(info.value) == message
+    assert [name for name in os.listdir(directory)] == []  # nothing was written there
+
+
+def test_a_state_dir_not_owned_by_root_is_refused(tmp_path):
+    os.makedirs(tmp_path / "state" / "maps", mode=0o700)
+    os.chown(tmp_path / "state", 65534, 65534)
+    state = LocalState(str(tmp_path / "state"))
+    with pytest.raises(StateError) as info:
+        state.records()
+    assert str(info.value) == "state_dir %s is owned by uid 65534, not root (mode 0755): refusing it" % (
+        tmp_path / "state")
+
+
+def test_a_subdirectory_others_can_write_is_refused(state):
+    state.save(MapRecord("rbd/vm1", False))
+    os.chmod(state.maps_dir, 0o777)
+    with pytest.raises(StateError, match="state_dir %s is writable by others \\(mode 0777\\)" % state.maps_dir):
+        LocalState(os.path.dirname(state.maps_dir)).records()
+
+
+def test_new_dirs_are_made_private(tmp_path):
+    state = LocalState(str(tmp_path / "new" / "state"), ledger_dir=str(tmp_path / "new" / "ledger"))
+    state.save(MapRecord("rbd/vm1", False))
+    state.pend_release(SPEC, BACKEND)
+    for path in (tmp_path / "new" / "state", tmp_path / "new" / "ledger", state.maps_dir, state.pending_dir):
+        assert os.stat(path).st_mode & 0o777 == 0o700
+
+
+def test_a_symlink_planted_where_a_lock_goes_is_not_followed(state, tmp_path):
+    with state.lock(SPEC):
+        pass  # the locks directory exists
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    for name in (SPEC.key + ".lock", "upkeep.claim", "nbd-map.0.slot"):
+        link = os.path.join(state.locks_dir, name)
+        _unlink_if(link)
+        os.symlink(victim, link)
+    with pytest.raises(StateError) as info:
+        with state.lock(SPEC):
+            pass
+    assert str(info.value) == "%s is a symbolic link: refusing to follow it" % os.path.join(
+        state.locks_dir, SPEC.key + ".lock")
+    with pytest.raises(StateError, match="upkeep.claim is a symbolic link"):
+        with state.claim("upkeep"):
+            pass
+    with pytest.raises(StateError, match="nbd-map.0.slot is a symbolic link"):
+        with state.slot("nbd-map", 1):
+            pass
+    assert victim.read_text() == "precious\n" and os.stat(victim).st_mode & 0o777 == 0o644
+
+
+def _unlink_if(path):
+    if os.path.lexists(path):
+        os.unlink(path)
+
+
+def test_a_symlink_planted_where_a_temporary_file_goes_is_not_followed(state, tmp_path, mocker):
+    state.save(MapRecord("rbd/vm1", False))
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    mocker.patch.object(state_mod.threading, "get_ident", return_value=42)
+    tmp = "%s.%d.42.tmp" % (state._path(SPEC, False), os.getpid())
+    os.symlink(victim, tmp)
+    record = record_of(SPEC, False, manual=Holder(mode="w", since=1))
+    state.save(record)  # the planted link is removed, never written through
+    assert victim.read_text() == "precious\n"
+    assert state.load(SPEC, False) == record and not os.path.lexists(tmp)
+
+
+def test_a_temporary_file_left_by_a_killed_run_is_replaced(state, mocker):
+    state.save(MapRecord("rbd/vm1", False))
+    mocker.patch.object(state_mod.threading, "get_ident", return_value=42)
+    tmp = "%s.%d.42.tmp" % (state._path(SPEC, False), os.getpid())
+    _spoil(tmp, '{"half')
+    state.save(record_of(SPEC, False, manual=Holder(mode="w", since=1)))
+    assert not os.path.exists(tmp) and list(state.load(SPEC, False).holders) == ["manual"]
+
+
+def test_a_symlink_planted_as_a_record_is_not_read(state, tmp_path):
+    state.save(MapRecord("rbd/vm2", False))
+    secret = tmp_path / "secret.json"
+    secret.write_text(json.dumps({"image": "rbd/vm1", "read_only": False, "device": "/dev/sda"}))
+    os.symlink(secret, state._path(SPEC, False))
+    with pytest.raises(CorruptRecord) as info:
+        state.load(SPEC, False)
+    assert str(info.value) == "%s: unreadable (a symbolic link, not followed)" % state._path(SPEC, False)
+    assert [r.image for r in state.records()] == ["rbd/vm2"]
+
+
+def test_temporary_files_are_private(state, mocker):
+    seen = []
+    real = os.replace
+
+    def replace(src, dst):
+        seen.append(os.stat(src).st_mode & 0o777)
+        return real(src, dst)
+    mocker.patch.object(state_mod.os, "replace", side_effect=replace)
+    state.save(MapRecord("rbd/vm1", False))
+    assert seen == [0o600]

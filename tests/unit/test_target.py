@@ -236,3 +236,45 @@ def test_effective_mode_rejects_bad_libxl_modes(xl_mode):
 @pytest.mark.parametrize("mode, ro", [("r", True), ("r!", True), ("w", False), ("w!", False)])
 def test_read_only(mode, ro):
     assert read_only(mode) is ro
+
+
+# ---- attacks: a name that reads as an option -----------------------------------------
+# rbd-nbd and rbd-fuse take the spec as an argument (`rbd-nbd map SPEC ...`): a name
+# starting with '-' would be an option to them.
+
+@pytest.mark.parametrize("text, kind, name", [
+    ("-x:vm1", "pool", "-x"),
+    ("--help/vm1", "pool", "--help"),
+    ("rbd:-vm1", "image", "-vm1"),
+    ("rbd/--device=nbd3", "image", "--device=nbd3"),
+    ("rbd/-ns/vm1", "namespace", "-ns"),
+    ("rbd/vm1@-s", "snapshot", "-s"),
+    ("-vm1", "image", "-vm1"),  # bare, in the default pool
+])
+def test_a_name_starting_with_a_dash_is_refused_in_one_line(text, kind, name):
+    with pytest.raises(TargetError) as info:
+        parse(text)
+    assert str(info.value) == "%s name %r starts with '-', which is not allowed" % (kind, name)
+
+
+def test_a_clone_source_starting_with_a_dash_is_refused():
+    with pytest.raises(TargetError, match="image name '-gold' starts with '-'"):
+        parse("rbd/vm1,clone=rbd/-gold@s")
+
+
+def test_a_dash_inside_a_name_is_fine():
+    assert parse("my-pool/ns-1/vm-1@snap-2").spec == ImageSpec("my-pool", "vm-1", "ns-1", "snap-2")
+
+
+@pytest.mark.parametrize("option", ["id=admin", "keyring=x", "conf=ceph", "log_file=x", "admin_socket=x",
+                                    "name=admin", "secret=x", "mon_host=h", "device=nbd3", "cookie=c"])
+def test_a_map_option_that_would_override_what_block_rbd_sets_is_refused(option):
+    with pytest.raises(TargetError) as info:
+        parse("rbd/vm1,map_options=notrim+" + option)
+    assert str(info.value) == ("map_options: %r sets what block-rbd sets itself (identity, cluster, files): "
+                               "not allowed" % option)
+
+
+def test_a_map_option_with_a_trailing_newline_is_refused():
+    with pytest.raises(TargetError, match="is not a valid map option"):
+        parse("rbd/vm1,map_options=notrim\n+exclusive")

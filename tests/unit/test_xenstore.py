@@ -3,10 +3,15 @@ double here and the real xenstored in the Xen gate's dom0, each result checked w
 Debian's REAL xenstore-* tools (what libxl and Xen's own scripts use)."""
 
 import os
+import socket
 import subprocess
+import tempfile
+import threading
+import time
 
 import pytest
 
+from block_rbd import deadline
 from block_rbd import xenstore as xs_mod
 from block_rbd.errors import XenstoreError
 from block_rbd.xenstore import Xenstore, daemon_paths
@@ -235,3 +240,201 @@ def test_the_xenbus_device_speaks_the_same_protocol(xenstored):
     assert xs.read_optional(BASE + "/nope") is None
     assert xenstored.read(BASE + "/dev-b") == "two"
     xs.close()
+
+
+# ---- attack: a daemon that answers slowly, wrongly, or not at all --------------------------------
+
+class Scripted:
+    """A xenstored that answers each request as `answer(mtype, req_id, tx_id, payload)` says: a
+    list of byte strings sent in turn, `pause` seconds before each (header: little-endian
+    type, req_id, tx_id, len, as HEADER).  `seen`: every request, (type, req_id, tx_id, payload)."""
+
+    def __init__(self, answer, pause=0.0):
+        self.answer, self.pause = answer, pause
+        self.seen = []
+        self.dir = tempfile.mkdtemp(prefix="xss")  # short: Unix socket paths are limited
+        self.path = os.path.join(self.dir, "sock")
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(self.path)
+        self.listener.listen(8)
+        self.conns = []
+        self.stopped = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.conns.append(conn)
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    @staticmethod
+    def _exactly(conn, size):
+        data = b""
+        while len(data) < size:
+            chunk = conn.recv(size - len(data))
+            if not chunk:
+                raise OSError("closed")
+            data += chunk
+        return data
+
+    def _serve(self, conn):
+        try:
+            while True:
+                mtype, req, tx, size = xs_mod.HEADER.unpack(self._exactly(conn, xs_mod.HEADER.size))
+                payload = self._exactly(conn, size) if size else b""
+                self.seen.append((mtype, req, tx, payload))
+                for piece in self.answer(mtype, req, tx, payload):
+                    if self.stopped.wait(self.pause):
+                        return
+                    conn.sendall(piece)
+        except OSError:
+            pass
+
+    def client(self, timeout=1):
+        return Xenstore(env={"XENSTORED_PATH": self.path}, timeout=timeout)
+
+    def stop(self):
+        self.stopped.set()
+        self.listener.close()
+        for conn in self.conns:
+            conn.close()
+        os.unlink(self.path)
+        os.rmdir(self.dir)
+
+
+def message(mtype, req, tx, payload):
+    return xs_mod.HEADER.pack(mtype, req, tx, len(payload)) + payload
+
+
+@pytest.fixture
+def scripted():
+    made = []
+
+    def make(answer, pause=0.0):
+        made.append(Scripted(answer, pause))
+        return made[-1]
+    yield make
+    for daemon in made:
+        daemon.stop()
+
+
+def reply(mtype, req, tx, payload):
+    """What xenstored answers: a read's value, a transaction's id, else OK."""
+    if mtype == xs_mod.XS_READ:
+        return [message(mtype, req, tx, b"value")]
+    if mtype == xs_mod.XS_TRANSACTION_START:
+        return [message(mtype, req, tx, b"7\0")]
+    return [message(mtype, req, tx, b"OK\0")]
+
+
+def test_attack_a_daemon_that_dribbles_its_reply_is_cut_at_the_requests_time(scripted):
+    """One byte every 0.2 s kept a 1 s request alive: every recv had 1 s again."""
+    def dribble(mtype, req, tx, payload):
+        whole = message(mtype, req, tx, b"v" * 20)
+        return [whole[i:i + 1] for i in range(len(whole))]  # 36 bytes: 7 s
+    xs = scripted(dribble, pause=0.2).client(timeout=1)
+    started = time.monotonic()
+    with pytest.raises(XenstoreError, match=r"^xenstore read %s/a: timed out after 1 s$" % BASE):
+        xs.read_optional(BASE + "/a")
+    assert 0.9 < time.monotonic() - started < 1.5
+    xs.close()
+
+
+def test_attack_a_dribbling_daemon_is_cut_at_the_runs_budget(scripted):
+    def dribble(mtype, req, tx, payload):
+        whole = message(mtype, req, tx, b"v" * 20)
+        return [whole[i:i + 1] for i in range(len(whole))]
+    xs = scripted(dribble, pause=0.2).client(timeout=None)
+    started = time.monotonic()
+    with deadline.budget(deadline.Deadline(1)):
+        with pytest.raises(XenstoreError, match=r"^xenstore read %s/a: timed out after 1 s$" % BASE):
+            xs.read_optional(BASE + "/a")
+    assert 0.9 < time.monotonic() - started < 1.5
+    xs.close()
+
+
+@pytest.mark.parametrize("forged, said", [
+    (lambda m, r, t: message(m, r + 1, t, b"forged"), "a reply to request %(bad)d, not to request %(req)d"),
+    (lambda m, r, t: message(xs_mod.XS_DIRECTORY, r, t, b"forged\0"), "a reply of type 1 to a request of type 2"),
+    (lambda m, r, t: message(m, r, t + 3, b"forged"), "a reply in transaction 3, not in transaction 0"),
+    (lambda m, r, t: message(xs_mod.XS_ERROR, r + 1, t, b"EACCES\0"),
+     "a reply to request %(bad)d, not to request %(req)d"),
+], ids=["another-req-id", "another-type", "another-tx-id", "an-error-to-another-req-id"])
+def test_attack_a_reply_that_does_not_answer_the_request_is_refused_in_one_line(scripted, forged, said):
+    daemon = scripted(lambda m, r, t, p: [forged(m, r, t)] if m == xs_mod.XS_READ else reply(m, r, t, p))
+    xs = daemon.client()
+    with pytest.raises(XenstoreError) as info:
+        xs.read_optional(BASE + "/a")
+    req = daemon.seen[-1][1]
+    assert str(info.value) == "xenstore read %s/a: %s" % (BASE, said % {"req": req, "bad": req + 1})
+    # the connection is dropped: what it says next answers nothing of ours
+    assert xs._links == {}
+    xs.close()
+
+
+def test_an_error_reply_to_the_request_is_the_daemons_refusal(scripted):
+    xs = scripted(lambda m, r, t, p: [message(xs_mod.XS_ERROR, r, t, b"EACCES\0")]).client()
+    with pytest.raises(xs_mod.XenstoreRefused, match=r"^xenstore read %s/a: EACCES$" % BASE) as info:
+        xs.read_optional(BASE + "/a")
+    assert info.value.code == "EACCES"
+    xs.close()
+
+
+def test_attack_a_watch_event_is_not_taken_for_the_reply(scripted):
+    """XS_WATCH_EVENT comes whenever a watch fires, between replies: it is set aside."""
+    event = message(xs_mod.XS_WATCH_EVENT, 0, 0, b"%s/a\0tok\0" % BASE.encode())
+
+    def answer(m, r, t, p):
+        if m != xs_mod.XS_READ:
+            return reply(m, r, t, p)
+        if p.startswith(b"%s/late" % BASE.encode()):
+            return [event]  # and no reply at all
+        return [event, message(xs_mod.XS_WATCH_EVENT, r, t, b"forged\0tok\0"), message(m, r, t, b"the value")]
+    xs = scripted(answer).client(timeout=0.5)
+    assert xs.read_optional(BASE + "/a") == "the value"
+    with pytest.raises(XenstoreError, match="timed out"):
+        xs.read_optional(BASE + "/late")
+    xs.close()
+
+
+@pytest.mark.parametrize("answer", [b"abc\0", b"\0", b"", b"0\0", b"-1\0", b"99999999999\0", b" 7\0"],
+                         ids=["letters", "empty", "nothing", "zero", "negative", "past-32-bits", "a-space"])
+def test_attack_a_transaction_id_that_is_no_number_is_one_line(scripted, answer):
+    def daemon(m, r, t, p):
+        return [message(m, r, t, answer)] if m == xs_mod.XS_TRANSACTION_START else reply(m, r, t, p)
+    made = scripted(daemon)
+    xs = made.client()
+    with pytest.raises(XenstoreError) as info:
+        xs.write({BASE + "/a": "1"})
+    assert str(info.value) == "xenstore transaction start: the daemon answered %r, not a transaction id" % (
+        answer.rstrip(b"\0").decode())
+    assert [m for m, _r, _t, _p in made.seen] == [xs_mod.XS_TRANSACTION_START]  # nothing written
+    xs.close()
+
+
+def test_attack_an_oversized_write_is_refused_before_anything_is_sent(scripted):
+    """Past 4096 bytes xenstored drops the connection, and with it everything after."""
+    made = scripted(reply)
+    xs = made.client()
+    key = BASE + "/big"
+    with pytest.raises(XenstoreError, match=r"^xenstore write %s: 4097 bytes, more than xenstore takes in one "
+                                            r"request \(4096\)$" % key):
+        xs.write({BASE + "/small": "1", key: "x" * (4096 - len(key))})
+    assert made.seen == []
+    xs.write({key: "x" * (4095 - len(key))})  # exactly the limit: sent
+    assert len(made.seen[1][3]) == 4096
+
+
+@pytest.mark.parametrize("text", ["x" * 10000, "\u00e9" * 5000, "\u2603" * 3000, "a" + "\U0001f600" * 2500],
+                         ids=["ascii", "2-byte", "3-byte", "4-byte"])
+def test_fit_cuts_a_message_to_one_request_in_valid_utf8(text):
+    path = BASE + "/hotplug-error"
+    cut = xs_mod.fit(path, text)
+    data = cut.encode("utf-8")
+    assert len(path.encode()) + 1 + len(data) <= xs_mod.PAYLOAD_MAX
+    assert len(path.encode()) + 1 + len(data) > xs_mod.PAYLOAD_MAX - 4  # as much as fits
+    assert cut.endswith("\u2026") and text.startswith(cut[:-1])
+    assert xs_mod.fit(path, "short") == "short"
