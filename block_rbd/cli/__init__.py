@@ -77,7 +77,8 @@ for _command in (maps.map_cmd, maps.unmap_cmd, maps.showmapped_cmd, maps.status_
                  access.locks_cmd, access.break_lock_cmd, access.release_pending_cmd,
                  images.snapshot_group, images.clone_cmd, images.flatten_cmd, images.resize_cmd,
                  backup.backup_cmd, backup.restore_cmd,
-                 doctor.doctor_cmd, service.service_cmd, upkeep.upkeep_cmd, upkeep.restart_nbd_cmd):
+                 doctor.doctor_cmd, service.service_cmd, service.adopt_daemons_cmd,
+                 upkeep.upkeep_cmd, upkeep.restart_nbd_cmd):
     cli.add_command(_command)
 
 

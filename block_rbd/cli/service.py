@@ -15,3 +15,11 @@ def service_cmd(socket_path, idle):
     """Serve hotplug runs with one shared cluster connection (systemd starts it on demand)."""
     from ..service import main as service_main
     sys.exit(service_main(socket_path, idle))
+
+
+@click.command("adopt-daemons")
+def adopt_daemons_cmd():
+    """Move rbd-nbd/rbd-fuse daemons out of block-rbd's units into scopes (the upgrade from 0.1.0 runs it)."""
+    from ..scopes import adopt_all
+    for pid, image, unit in adopt_all():
+        click.echo("rbd daemon %d serving %s: now in %s" % (pid, image, unit))
