@@ -45,6 +45,8 @@ SYSDOM0 = ["systemd", "systemd-sysv", "udev", "dbus", "linux-image-amd64", "init
            "python3", "python3-rados", "python3-rbd", "python3-click", "python3-yaml",
            "ifupdown", "iproute2", "iputils-ping", "procps", "kmod", "util-linux", "mount",
            "e2fsprogs",
+           # the systemd gate's PV guests are busybox ones
+           "busybox-static",
            # ceph-common's snappy compressor plugin needs it (only Recommended)
            "libsnappy1v5"]
 # What the Ceph test cluster and the host-side suite need inside the root.

@@ -293,8 +293,12 @@ def install_debs(mnt, debs):
     try:
         put_files(mnt, {"/usr/sbin/policy-rc.d": (b"#!/bin/sh\nexit 101\n", 0o755)})
         log("apt-get install %s" % " ".join(os.path.basename(d) for d in debs))
-        # no network: the package's dependencies are in the root already
-        run(debianroot.in_root(mnt, ["apt-get", "install", "-y", "-q", "-o", "Acquire::Retries=0"]
+        # no network: the package's dependencies are in the root already; a conffile the
+        # run put in beforehand (its /etc/xen/block-rbd.yaml) stays, as configuration
+        # management's would
+        run(debianroot.in_root(mnt, ["apt-get", "install", "-y", "-q", "-o", "Acquire::Retries=0",
+                                     "-o", "Dpkg::Options::=--force-confdef",
+                                     "-o", "Dpkg::Options::=--force-confold"]
                                + inside), env=ENV, timeout=600)
     finally:
         if os.path.lexists(policy):

@@ -11,6 +11,8 @@ import sys
 import tarfile
 import time
 
+import pytest
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import build_dom0  # noqa: E402
@@ -391,3 +393,56 @@ def test_a_dom0_that_crashes_twice_is_left_failed(tmp_path, monkeypatch):
     assert boots.read_text() == "xx"
     parsed = h._parse_all({"": 0})
     assert not parsed["done"] and len(parsed["early_crashes"]["dom0"]) == 1
+
+
+# ---------------------------------------------------------------- the systemd dom0 gate
+def _program_host(name):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(
+        name + "_host", os.path.join(os.path.dirname(os.path.abspath(__file__)), "guest", name, "host.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_sysgate_reports_every_step_test_xen_expects():
+    import re
+    import test_xen
+    mod = _program_host("sysgate")
+    with open(mod.__file__) as fh:
+        source = fh.read()
+    steps = re.findall(r'step\("([a-z0-9-]+)"', source) + re.findall(r'mark\(parsed, "([a-z0-9-]+)"', source)
+    assert mod.BOOT == "systemd" and sorted(steps) == sorted(test_xen.SYSGATE_STEPS)
+    assert all("  %s " % s in mod.__doc__ for s in steps)  # each step documented
+
+
+def test_sysgate_guests_attach_through_block_rbd_with_their_mapper():
+    mod = _program_host("sysgate")
+    text = mod.guest_config("sd-nbd", "6.12.1", "rbd", ",mapper=nbd")
+    ro = mod.guest_config("sd-ro-nbd", "6.12.1", "rbd", ",mapper=nbd", "ro")
+    assert "access=ro,script=block-rbd,target=rbd/sd-ro-nbd,mapper=nbd" in ro and "brbd_ro=1" in ro
+    assert "'format=raw,vdev=xvda,access=rw,script=block-rbd,target=rbd/sd-nbd,mapper=nbd'" in text
+    assert 'kernel = "/boot/vmlinuz-6.12.1"' in text and "brbd_mode=serve brbd_disks=xvda:sd-nbd" in text
+
+
+def test_sysgate_upgrade_is_the_same_package_with_a_newer_version(tmp_path):
+    import shutil
+    import subprocess
+    if not shutil.which("dpkg-deb"):
+        pytest.skip("dpkg-deb not installed (Debian package dpkg)")
+    tree = tmp_path / "pkg"
+    (tree / "DEBIAN").mkdir(parents=True)
+    (tree / "DEBIAN" / "control").write_text("Package: block-rbd\nVersion: 0.2.0\nArchitecture: all\n"
+                                             "Maintainer: x <x@example.org>\nDescription: t\n")
+    (tree / "usr").mkdir()
+    (tree / "usr" / "marker").write_text("x")
+    deb = tmp_path / "block-rbd_0.2.0_all.deb"
+    subprocess.run(["dpkg-deb", "--root-owner-group", "-b", str(tree), str(deb)], check=True,
+                   stdout=subprocess.DEVNULL)
+    (tmp_path / "work").mkdir()
+    old, new, out = _program_host("sysgate").upgrade_deb(str(deb), str(tmp_path / "work"))
+    fields = subprocess.run(["dpkg-deb", "-f", out, "Package", "Version"], check=True,
+                            stdout=subprocess.PIPE, text=True).stdout
+    assert (old, new) == ("0.2.0", "0.2.0+gate1") and fields == "Package: block-rbd\nVersion: 0.2.0+gate1\n"
+    listing = subprocess.run(["dpkg-deb", "-c", out], check=True, stdout=subprocess.PIPE, text=True).stdout
+    assert "./usr/marker" in listing

@@ -1,15 +1,17 @@
 """The Xen release gate: boot Xen + dom0 under QEMU/TCG once per pairing of a dom0 stack and
-a cluster (the programs in tests/xen/guest/gate and .../twohost), one pytest test per scenario.
+a cluster (the programs in tests/xen/guest/gate, .../twohost and .../sysgate), one pytest
+test per scenario.
 
 Pairings (dom0 stack, the cluster's Ceph):
   debian12-ceph16   Xen 4.17, Linux 6.1, Python 3.11, Ceph 16.2 client; this host's Ceph 16.2
   debian13-ceph18   Xen 4.20, Linux 6.12, Python 3.13, Ceph 18.2 client; Debian 13's Ceph 18.2
   debian12-ceph18   the Debian 12 dom0 against Ceph 18.2 (a cluster upgraded before its dom0s)
-CI runs the whole matrix: the one-host gate on all three (on debian12-ceph18 what meets
-the cluster; the dom0 stack's own scenarios say they run in debian12-ceph16) and the
-two-host gate on both dom0 stacks against Ceph 18.2.  BLOCK_RBD_XEN_MATRIX=core (developer
-runs) leaves out the one-host gate on debian12-ceph18 and the two-host gate on
-debian13-ceph18.  Every boot is a harness process of its own, one after another
+CI runs the one-host gate on debian12-ceph16 and debian13-ceph18, and the two-host gate
+and the systemd dom0 gate (tests/xen/guest/sysgate) on both dom0 stacks against Ceph 18.2.
+BLOCK_RBD_XEN_MATRIX=full adds the one-host gate on debian12-ceph18 (what meets the
+cluster; the dom0 stack's own scenarios say they run in debian12-ceph16); =core (developer
+runs) leaves out the two-host gate on debian13-ceph18 and the systemd gate on
+debian12-ceph18.  Every boot is a harness process of its own, one after another
 (BLOCK_RBD_XEN_SLOTS=N lets N QEMU machines run at once).
 BLOCK_RBD_XEN_PAIRINGS (space-separated ids) picks some pairings, BLOCK_RBD_XEN_ONLY some
 scenarios (developer runs; CI sets neither).
@@ -36,6 +38,7 @@ sys.path.insert(0, HERE)
 
 GATE = os.path.join(HERE, "guest", "gate")
 TWOHOST = os.path.join(HERE, "guest", "twohost")
+SYSGATE = os.path.join(HERE, "guest", "sysgate")
 # pairing id -> (build_dom0 stack, the cluster's Debian suite: None is this host's Ceph)
 PAIRINGS = {"debian12-ceph16": ("debian12", None), "debian13-ceph18": ("debian13", "trixie"),
             "debian12-ceph18": ("debian12", "trixie")}
@@ -49,6 +52,10 @@ SCENARIOS = [
 # The two-host gate (guest/twohost/host.py drives them): two Xen machines, one cluster.
 TWOHOST_SCENARIOS = ["cross-host-refusals", "fixed-uuid-twice", "migrate-krbd", "migrate-nbd", "migrate-fail",
                      "frozen-host-fenced"]
+# The systemd dom0 gate (guest/sysgate/host.py drives it): the package from apt, guests
+# from xendomains, reboots and a power cut, on a dom0 whose PID 1 is systemd.
+SYSGATE_STEPS = ["install-boot", "xendomains-start", "nbd-scope", "nbd-heal", "units-killed", "adopt-daemons",
+                 "upgrade", "reboot-restore", "power-cut", "package-remove", "poweroff", "nothing-left"]
 # Under TCG one run takes 7-15 min of one core a machine, and a slow or busy machine nearly
 # doubles that (measured: the debian12-ceph16 gate's dom0 program 1398 s on one such day).
 # A hung run is stopped here (each scenario also has its own limit in dom0).
@@ -188,17 +195,22 @@ class Runs:
         return run.summary
 
 
-# The whole matrix (CI): each dom0 stack against the cluster its users meet first, the
-# Debian 12 dom0 against Ceph 18.2 too (a cluster upgraded before its dom0s), and the
-# two-host gate on both stacks.  BLOCK_RBD_XEN_MATRIX=core: the first two one-host gates
-# and the Debian 12 two-host gate only (a developer's quicker run).
-CORE = os.environ.get("BLOCK_RBD_XEN_MATRIX") == "core"
+# The matrix CI runs: the one-host gate on each dom0 stack against the cluster its users
+# meet first, and the two-host and the systemd dom0 gates on both stacks against Ceph 18.2
+# (a cluster upgraded before its dom0s).  BLOCK_RBD_XEN_MATRIX=full adds the one-host gate
+# on debian12-ceph18 (what meets the cluster; 5 min, and CI's 50 min hold no more);
+# =core: the two one-host gates, the Debian 12 two-host gate and the Debian 13 systemd
+# gate (a developer's quicker run).
+MATRIX = os.environ.get("BLOCK_RBD_XEN_MATRIX", "")
+CORE = MATRIX == "core"
 TWOHOST_PAIRINGS = ["debian12-ceph18"] + ([] if CORE else ["debian13-ceph18"])
-GATE_PAIRINGS = ["debian12-ceph16", "debian13-ceph18"] + ([] if CORE else ["debian12-ceph18"])
+GATE_PAIRINGS = ["debian12-ceph16", "debian13-ceph18"] + (["debian12-ceph18"] if MATRIX == "full" else [])
+SYSGATE_PAIRINGS = ([] if CORE else ["debian12-ceph18"]) + ["debian13-ceph18"]
 RUNS = [Run("twohost", TWOHOST, p, TWOHOST_SCENARIOS, 2)
         for p in TWOHOST_PAIRINGS]
 RUNS += [Run("gate", GATE, p, SCENARIOS, 1, settings={"BRBD_DOM0_SIDE_IN": DOM0_SIDE_IN.get(p, "")})
          for p in GATE_PAIRINGS]
+RUNS += [Run("systemd", SYSGATE, p, SYSGATE_STEPS, 1) for p in SYSGATE_PAIRINGS]
 
 
 @pytest.fixture(scope="session")
@@ -228,6 +240,11 @@ def gate(request, xen_runs):
 @pytest.fixture(scope="session", params=[r.pairing for r in RUNS if r.kind == "twohost"])
 def twohost(request, xen_runs):
     return xen_runs.get("twohost", request.param)
+
+
+@pytest.fixture(scope="session", params=[r.pairing for r in RUNS if r.kind == "systemd"])
+def sysgate(request, xen_runs):
+    return xen_runs.get("systemd", request.param)
 
 
 def _check_ran(gate):
@@ -284,6 +301,48 @@ def test_two_hosts_ran_to_the_end(twohost):
 @pytest.mark.parametrize("name", TWOHOST_SCENARIOS)
 def test_two_host_scenario(twohost, name):
     _check_scenario(twohost, name, logs="twohost")
+
+
+def test_systemd_dom0_ran_to_the_end(sysgate):
+    """drive(ctx) returned, every boot ended by itself (or by the program's power cut)."""
+    _check_ran(sysgate)
+    assert not sysgate["boot_fail"], sysgate["boot_fail"]
+    assert sysgate["done"] and sysgate["qemu_rc"] == 0, "QEMU: %s (drive log %s); it ends:\n%s" % (
+        sysgate["qemu_rc"], _sysgate_log(sysgate), _tail(_sysgate_log(sysgate)))
+
+
+@pytest.mark.parametrize("name", SYSGATE_STEPS)
+def test_systemd_dom0_step(sysgate, name):
+    _check_ran(sysgate)
+    found = [r for r in sysgate["results"] if r["name"] == name]
+    assert found, "step %s did not report (an earlier one failed?); %s ends:\n%s" % (
+        name, _sysgate_log(sysgate), _tail(_sysgate_log(sysgate)))
+    result = found[-1]
+    if result["status"] == "SKIP":
+        pytest.skip(result["detail"])
+    assert result["status"] == "PASS", "%s (log %s); it ends:\n%s" % (
+        result["detail"], _sysgate_log(sysgate), _tail(_sysgate_log(sysgate)))
+
+
+def _sysgate_log(run):
+    return os.path.join(run["workdir"], "sysgate.log")
+
+
+def test_systemd_dom0_report(sysgate, capsys):
+    """Not a check: prints the systemd dom0 gate's times and every step's result."""
+    _check_ran(sysgate)
+    lines = ["", "systemd dom0 gate %s: wall %.1f s (build %s s, cluster %s s, prepare %s s, disks %s s, drive %s s)"
+             % (sysgate["pairing"], sysgate["wall"], *(sysgate["timings"].get(k) for k in (
+                 "build", "cluster", "prepare", "disks", "drive")))]
+    for name, facts in sorted(sysgate.get("machines", {}).items()):
+        for b in facts.get("boots", []):
+            lines.append("  %s boot %s: agent ready %s s, ended after %s s%s" % (
+                name, b["n"], b.get("ready"), b.get("ended"), " (power cut)" if b.get("cut") else ""))
+    for r in sysgate["results"]:
+        lines.append("  %-17s %-5s %7s s  %s" % (r["name"], r["status"], r["seconds"], r["detail"]))
+    with capsys.disabled():
+        print("\n".join(lines))
+    assert re.match(r"\d", str(sysgate["wall"]))
 
 
 def _check_scenario(gate, name, logs=None):

@@ -274,10 +274,11 @@ GUEST_MODULES = ["xen-blkfront", "ext4", "crc32c_generic"]
 GUEST_BINS = ["/usr/sbin/mke2fs", "/usr/sbin/resize2fs", "/usr/sbin/e2fsck"]
 
 
-def guest_initrd(ctx):
-    """busybox-static, the guest's modules, e2fsprogs and guest-init, gzip'd newc cpio."""
-    bb = os.path.join(_extract_root(ctx, "busybox-static"), "bin/busybox")
-    kroot = _extract_root(ctx, "kernel")
+def guest_initrd(ctx, busybox_root=None, kernel_root=None):
+    """busybox-static, the guest's modules, e2fsprogs and guest-init, gzip'd newc cpio
+    (busybox and the modules from the given roots, by default the boot set's)."""
+    bb = os.path.join(busybox_root or _extract_root(ctx, "busybox-static"), "bin/busybox")
+    kroot = kernel_root or _extract_root(ctx, "kernel")
     (modroot,) = glob.glob(os.path.join(kroot, "lib/modules/*"))
     kver = os.path.basename(modroot)
     stage = os.path.join(_workdir(ctx), "guest-root")
@@ -357,14 +358,17 @@ def pygrub_fs(ctx, kernel, initrd, path):
     return size_mb
 
 
-def dom0_config(ctx):
+def dom0_config(ctx, host="dom0-under-test", syslog=False):
+    """dom0's block-rbd.yaml (host None: block-rbd's default, the hostname; a systemd dom0
+    logs to the journal through syslog, and not verbosely)."""
     c = ctx.config
     return ("# written by tests/xen/guest/gate/host.py\n"
             "ceph: {conf: /etc/ceph/ceph.conf, id: %s, keyring: %s}\n"
-            "pool: %s\nmapper: krbd\nhost: dom0-under-test\n"
+            "pool: %s\nmapper: krbd\n%s"
             "krbd: {options: [ms_mode=prefer-crc]}\n"
-            "log: {file: /var/log/xen/xen-hotplug.log, syslog: false, verbose: true}\n"
-            % (c["BRBD_ID"], c["BRBD_KEYRING"], c["BRBD_POOL"]))
+            "log: {file: /var/log/xen/xen-hotplug.log, syslog: %s, verbose: %s}\n"
+            % (c["BRBD_ID"], c["BRBD_KEYRING"], c["BRBD_POOL"], "host: %s\n" % host if host else "",
+               "true" if syslog else "false", "false" if syslog else "true"))
 
 
 def test_tree(files):

@@ -8,7 +8,8 @@ and step `block-rbd-units` checks that its socket, upkeep and timer are active.
 
 import os
 import re
-import time
+
+from sysdrive import Driver, Failed, count_boots  # noqa: F401 (count_boots: the unit test's)
 
 BOOT = "systemd"
 MACHINES = ["a"]
@@ -25,15 +26,6 @@ io.close(); c.shutdown()
 """
 
 
-class Failed(Exception):
-    pass
-
-
-def count_boots(listing):
-    """Boots in `journalctl --list-boots` output (without its header line)."""
-    return sum(1 for line in listing.splitlines() if re.match(r"\s*-?\d+\s+[0-9a-f]{32}", line))
-
-
 def prepare(ctx):
     deb = os.environ.get("BRBD_SYSBOOT_DEB")
     if deb:
@@ -41,33 +33,8 @@ def prepare(ctx):
 
 
 def drive(ctx):
-    log = open(os.path.join(ctx.workdir, "sysboot.log"), "w")
-    agent = ctx.agent("a")
-    results = []
-
-    def note(text):
-        log.write("[%s] %s\n" % (time.strftime("%H:%M:%S"), text))
-        log.flush()
-
-    def sh(script, timeout=120, ok=True):
-        r = agent.sh(script, timeout)
-        note("rc=%s %.1fs $ %s\n%s" % (r["rc"], r["secs"], script, r["out"].rstrip()))
-        if ok and r["rc"] != 0:
-            raise Failed("`%s` failed (rc=%s): %s" % (script[:60], r["rc"], r["out"].strip()[-200:]))
-        return r["out"].strip()
-
-    def step(name, func):
-        t0 = time.time()
-        try:
-            status, detail = "PASS", func()
-        except Failed as exc:
-            status, detail = "FAIL", str(exc)
-        except Exception as exc:  # the harness's own trouble: still one result
-            status, detail = "FAIL", "%s: %s" % (type(exc).__name__, exc)
-        note("%s %s %s" % (name, status, detail))
-        results.append({"name": name, "status": status, "seconds": round(time.time() - t0, 1),
-                        "detail": detail})
-        return status == "PASS"
+    d = Driver(ctx, "a", "sysboot.log")
+    sh, step = d.sh, d.step
 
     def boot(n):
         secs = ctx.boot("a", BOOT_TIMEOUT)
@@ -115,12 +82,7 @@ def drive(ctx):
         return "%s active; %s" % (names, sh("dpkg-query -W block-rbd"))
 
     def reboot():
-        t0 = time.time()
-        sh("systemctl --no-block reboot")
-        down = ctx.wait_down("a", DOWN_TIMEOUT, since=t0)
-        if down is None:
-            raise Failed("QEMU still running %d s after systemctl reboot" % DOWN_TIMEOUT)
-        return "systemctl reboot -> QEMU exit %.1f s" % down
+        return "systemctl reboot -> QEMU exit %.1f s" % d.power("reboot", DOWN_TIMEOUT)
 
     def cut():
         ctx.power_cut("a")
@@ -132,10 +94,7 @@ def drive(ctx):
         return "journal has %d boots; root fs: %s" % (boots, fsck.replace("\n", " | ") or "nothing logged")
 
     def poweroff():
-        down = ctx.poweroff("a", DOWN_TIMEOUT)
-        if down is None:
-            raise Failed("QEMU still running %d s after systemctl poweroff" % DOWN_TIMEOUT)
-        return "systemctl poweroff -> QEMU exit %.1f s" % down
+        return "systemctl poweroff -> QEMU exit %.1f s" % d.power("poweroff", DOWN_TIMEOUT)
 
     def journal():
         # boot 2 ended in the power cut: journald had not synced (SyncIntervalSec, 5 min)
@@ -155,7 +114,7 @@ def drive(ctx):
 
     try:
         if not step("boot-1", lambda: boot(1)):
-            return results
+            return d.results
         for name, func in (("pid1-systemd", pid1), ("system-running", running), ("xl", xl),
                            ("xenstored", xenstored), ("network-cluster", network)):
             step(name, func)
@@ -168,5 +127,5 @@ def drive(ctx):
                 step("poweroff", poweroff)
                 step("journal", journal)
     finally:
-        log.close()
-    return results
+        d.close()
+    return d.results
