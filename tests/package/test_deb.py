@@ -83,6 +83,17 @@ def test_no_unit_lets_guests_daemons_escape_its_lifecycle(deb, tmp_path):
     assert "Before=xendomains.service" in (units / "block-rbd-release-pending.service").read_text()
 
 
+def test_the_upgrade_moves_the_daemons_before_debhelper_restarts_the_units(deb, tmp_path):
+    """debhelper's code is in the postinst once, where #DEBHELPER# stands: adopt-daemons
+    runs before the units restart (a #DEBHELPER# in a comment once put the whole restart
+    before it, and ran every section twice)."""
+    run(["dpkg-deb", "-e", deb, str(tmp_path)])
+    postinst = (tmp_path / "postinst").read_text()
+    assert postinst.count("\tpy3compile -p block-rbd") == 1 and postinst.count("deb-systemd-invoke") == 1
+    assert postinst.index("block-rbd adopt-daemons") < postinst.index("deb-systemd-invoke")
+    assert postinst.index("set -e") < postinst.index("# Automatically added by")
+
+
 def test_the_man_page_is_the_command_lines_help(deb, tmp_path):
     run(["dpkg-deb", "-x", deb, str(tmp_path)])
     page = run(["zcat", str(tmp_path / "usr/share/man/man8/block-rbd.8.gz")]).stdout
