@@ -12,7 +12,7 @@ PYLIBDIR    ?= $(shell $(PYTHON) -c 'import sys; print("/usr/local/lib/python%d.
 # Runtime: what dom0 needs.  Test: a real local Ceph cluster, the xenstore
 # tools, rbd-fuse/rbd-nbd, qemu-img.  Xen: what the Xen-in-QEMU harness builds from.
 RUNTIME_DEBS = python3 python3-rados python3-rbd python3-click python3-yaml ceph-common fuse rbd-fuse rbd-nbd
-TEST_DEBS    = $(RUNTIME_DEBS) python3-venv ceph-mon ceph-mgr ceph-osd xenstore-utils qemu-utils util-linux kmod
+TEST_DEBS    = $(RUNTIME_DEBS) python3-venv ceph-mon ceph-mgr ceph-osd xenstore-utils qemu-utils util-linux kmod python3-hypothesis
 XEN_DEBS     = qemu-system-x86 iproute2 cpio busybox-static e2fsprogs zstd python3-pytest python3-pytest-mock
 # The other stacks come from cached Debian roots (tools/debianroot.py).
 STACK_DEBS   = debootstrap debian-archive-keyring
@@ -113,7 +113,7 @@ test: deps venv
 
 # This system (Debian 12: Python 3.11, Ceph 16.2 clients and cluster) and the package.
 test-host: deps venv
-	$(VENV)/bin/python -m pytest tests/unit tests/integration tests/package
+	$(VENV)/bin/python -m pytest tests/unit tests/integration tests/package tests/fuzz
 
 # This system's clients against a Ceph 18.2 cluster (Debian 13's daemons, from a cached root):
 # a cluster upgraded before its dom0s.

@@ -253,6 +253,11 @@ def load(path=None):
         raise ConfigError("%s:%s: not valid YAML: %s" % (path, where, shown_text(problem))) from None
     except ValueError as exc:  # a value PyYAML cannot build, e.g. an int of more than 4300 digits
         raise ConfigError("%s: not valid YAML: %s" % (path, shown_text(exc))) from None
+    except (LookupError, AttributeError) as exc:  # PyYAML's own slip on a tag: `!!bool x`, `!!timestamp x`
+        raise ConfigError("%s: not valid YAML: a value its tag cannot build (%s: %s)"
+                          % (path, type(exc).__name__, shown_text(exc))) from None
+    except RecursionError:  # PyYAML composes and builds recursively: "[[[[..." of a few KiB
+        raise ConfigError("%s: not valid YAML: nested too deeply" % path) from None
     config = from_dict(data, path)
     _parsed[path] = (text, config)
     return config

@@ -112,6 +112,7 @@ class MapRecord:
             for name, held in (_field(data, "holders", (dict,), {}) or {}).items():
                 if not isinstance(held, dict):
                     raise _Bad("holder %s is %s, not an object" % (shown(name), shown(held)))
+                _holder_name(name)
                 mode = _field(held, "mode", (str,))
                 if mode not in MODES:
                     raise _Bad("holder %s has mode %s" % (shown(name), shown(mode)))
@@ -204,6 +205,8 @@ def _image(data):
         parse_spec(image)
     except TargetError as exc:
         raise _Bad("image %s: %s" % (shown(image), exc)) from None
+    if image != image.strip():  # parse_spec() strips it; a line naming it would break at it
+        raise _Bad("image %s has space around it" % shown(image))
     return image
 
 
@@ -211,7 +214,15 @@ def _holder(data):
     holder = _field(data, "holder", (str,))
     if not holder:
         raise _Bad("empty holder")
-    return holder
+    return _holder_name(holder)
+
+
+def _holder_name(name):
+    """A holder (a backend path, "manual") has no space or control character: one that
+    does would split the line that names it (doctor, showmapped)."""
+    if not name.isprintable() or any(c.isspace() for c in name):
+        raise _Bad("holder %s" % shown(name))
+    return name
 
 
 def _version(data, where, default):
@@ -607,16 +618,22 @@ def _read_json(path):
     except OSError as exc:
         raise CorruptRecord(path, "a symbolic link, not followed" if exc.errno == errno.ELOOP
                             else exc.strerror) from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):  # before fdopen(), which refuses a directory itself
+        os.close(fd)
+        raise CorruptRecord(path, "not a regular file")
     with os.fdopen(fd, "rb") as handle:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise CorruptRecord(path, "not a regular file")
         raw = handle.read()
     try:
-        return json.loads(raw.decode("utf-8"))
+        data = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError:
         raise CorruptRecord(path, "not UTF-8 text") from None
     except ValueError as exc:
         raise CorruptRecord(path, "not JSON: %s" % exc) from None
+    except RecursionError:  # "[[[[..." of a few KiB: json decodes recursively
+        raise CorruptRecord(path, "not JSON: nested too deeply") from None
+    if data is None:  # what a missing file reads as: its readers would skip it, unnamed
+        raise CorruptRecord(path, "null, not a JSON object")
+    return data
 
 
 def _write_json(directory, path, data, durable=False):

@@ -34,6 +34,8 @@ _BAD_NAME_CHARS = re.compile(r"[/@:,\s\x00-\x1f\x7f]")
 # librbd caps image names well below this; the kernel's sysfs line and file
 # names on this host need a bound too.
 MAX_NAME = 255
+# librbd's limits and sizes are 64-bit: 20 digits at most (int() refuses over 4300)
+MAX_DIGITS = 20
 _SIZE = re.compile(r"^([0-9]+)([KMGT]?)(?:i?B)?$", re.IGNORECASE)
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _MAP_OPTION = re.compile(r"[a-z0-9_]+(=[A-Za-z0-9_.\-]+)?")
@@ -137,7 +139,7 @@ def parse_spec(text, default_pool=None):
 
 def parse_size(text):
     match = _SIZE.match(text.strip())
-    if not match or int(match.group(1)) == 0:
+    if not match or len(match.group(1)) > MAX_DIGITS or int(match.group(1)) == 0:
         raise TargetError("size=%s: expected a positive number with an optional K, M, G or T suffix" % text)
     return int(match.group(1)) * _UNITS[match.group(2).upper()]
 
@@ -190,7 +192,8 @@ def parse_qos(text):
         if key in limits:
             raise TargetError("qos=%s: %s given twice" % (text, key))
         if key.endswith("iops"):
-            if not value.isdigit() or int(value) == 0:
+            # ASCII digits only ("\u00b2".isdigit() too, and int() refuses it), not past 64 bits
+            if not (value.isascii() and value.isdigit()) or len(value) > MAX_DIGITS or int(value) == 0:
                 raise TargetError("qos=%s: %s:%s: expected a positive number of operations per second"
                                   % (text, key, value))
             limits[key] = int(value)

@@ -328,3 +328,39 @@ def test_a_private_keyring_is_used(tmp_path):
     keyring.write_text("[client.admin]\n\tkey = AQ==\n")
     os.chmod(keyring, 0o600)
     assert from_dict({"ceph": {"keyring": str(keyring)}}).keyring == str(keyring)
+
+
+# ---- found by fuzzing (tests/fuzz/test_fuzz_config.py) -------------------------------
+
+@pytest.mark.parametrize("text", ["[" * 400, "- " * 400 + "x", "{a: " * 400, "pool: " + "[" * 1000 + "]" * 1000])
+def test_yaml_nested_past_pythons_stack_is_one_line(tmp_path, text):
+    """PyYAML composes recursively: a few hundred bytes raised RecursionError, a traceback."""
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load(path)
+    assert str(info.value) == "%s: not valid YAML: nested too deeply" % path
+
+
+@pytest.mark.parametrize("text, error", [
+    ("pool: !!timestamp x\n", "AttributeError"),
+    ("pool: !!bool maybe\n", "KeyError"),
+    ("pool: !!int ''\n", "IndexError"),
+    ("pool: !!float\n", "IndexError"),
+])
+def test_a_tagged_value_pyyaml_cannot_build_is_one_line(tmp_path, text, error):
+    """SafeLoader's constructors raise these, not a YAMLError, for a tag on a value it does not fit."""
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load(path)
+    message = str(info.value)
+    assert message.startswith("%s: not valid YAML: a value its tag cannot build (%s: " % (path, error))
+    assert "\n" not in message and len(message) - len(path) < 200
+
+
+@pytest.mark.parametrize("qos", ["iops:\u00b2", "bps:" + "9" * 5000])
+def test_a_qos_number_int_cannot_read_is_a_config_error(tmp_path, qos):
+    """The qos check caught TargetError only: int()'s ValueError escaped config.load."""
+    path = write(tmp_path, "qos: '%s'\n" % qos)
+    with pytest.raises(ConfigError) as info:
+        load(path)
+    assert str(info.value).startswith("%s: qos = " % path) and len(str(info.value)) - len(path) < 250

@@ -763,3 +763,51 @@ def test_temporary_files_are_private(state, mocker):
     mocker.patch.object(state_mod.os, "replace", side_effect=replace)
     state.save(MapRecord("rbd/vm1", False))
     assert seen == [0o600]
+
+
+# ---- found by fuzzing (tests/fuzz/test_fuzz_state.py) --------------------------------
+
+def test_a_directory_named_like_a_record_is_named_not_a_crash(state, ledger):
+    """os.fdopen() refuses a directory (IsADirectoryError) before the regular-file check ran."""
+    state.save(MapRecord("rbd/vm2", False))
+    os.mkdir(state._path(SPEC, False))
+    assert [r.image for r in state.records()] == ["rbd/vm2"]
+    assert [str(bad) for bad in state.corrupt_records()] == [
+        "%s: unreadable (not a regular file)" % state._path(SPEC, False)]
+    with pytest.raises(CorruptRecord):
+        state.load(SPEC, False)
+    os.makedirs(ledger._pending_path(SPEC, BACKEND))
+    assert ledger.pending() == []
+    assert [str(bad) for bad in ledger.corrupt_ledger()] == [
+        "%s: unreadable (not a regular file)" % ledger._pending_path(SPEC, BACKEND)]
+
+
+@pytest.mark.parametrize("text, problem", [
+    ("null", "null, not a JSON object"),  # read as "no such file": skipped, never named
+    ("[" * 5000, "not JSON: nested too deeply"),  # json decodes recursively: RecursionError
+    ('{"image": "rbd/vm1", "read_only": false, "holders": {"a\\nb": {"mode": "w"}}}', "holder 'a\\nb'"),
+    ('{"image": "rbd/vm1", "read_only": false, "holders": {"a\\u001cb": {"mode": "w"}}}', "holder 'a\\x1cb'"),
+    ('{"image": "rbd/vm1\\u001c", "read_only": false}', "image 'rbd/vm1\\x1c' has space around it"),
+])
+def test_a_record_the_fuzzer_found_unnamed_or_line_breaking_is_corrupt(state, text, problem):
+    state.save(MapRecord("rbd/vm1", False))
+    path = state._path(SPEC, False)
+    _spoil(path, text)
+    assert state.records() == []
+    assert [str(bad) for bad in state.corrupt_records()] == ["%s: unreadable (%s)" % (path, problem)]
+
+
+@pytest.mark.parametrize("data, problem", [
+    (None, "null, not a JSON object"),
+    ({"image": "rbd/vm1", "holder": "manual\n", "since": 1}, "holder 'manual\\n'"),
+    ({"image": "rbd/vm1", "holder": "back end", "since": 1}, "holder 'back end'"),
+    ({"image": "rbd/vm1\u2028", "holder": "manual", "since": 1}, "image 'rbd/vm1\\u2028' has space around it"),
+])
+def test_a_pending_release_that_would_break_doctors_line_is_corrupt(ledger, data, problem):
+    """doctor printed the holder and image as they were: a newline in one split its line."""
+    os.makedirs(ledger.pending_dir)
+    path = ledger._pending_path(SPEC, BACKEND)
+    with open(path, "w") as handle:
+        json.dump(data, handle)
+    assert ledger.pending() == []
+    assert [str(bad) for bad in ledger.corrupt_ledger()] == ["%s: unreadable (%s)" % (path, problem)]

@@ -5,8 +5,8 @@ import re
 import pytest
 
 from block_rbd.errors import TargetError
-from block_rbd.target import (ImageSpec, Target, effective_mode, format_qos, parse, parse_size, parse_spec,
-                              qos_options, read_only)
+from block_rbd.target import (ImageSpec, Target, effective_mode, format_qos, parse, parse_qos, parse_size,
+                              parse_spec, qos_options, read_only)
 
 
 # ---- the forms that name an image ---------------------------------------------------
@@ -278,3 +278,20 @@ def test_a_map_option_that_would_override_what_block_rbd_sets_is_refused(option)
 def test_a_map_option_with_a_trailing_newline_is_refused():
     with pytest.raises(TargetError, match="is not a valid map option"):
         parse("rbd/vm1,map_options=notrim\n+exclusive")
+
+
+# ---- found by fuzzing (tests/fuzz/test_fuzz_config.py) -------------------------------
+
+@pytest.mark.parametrize("text", ["iops:\u00b2", "iops:\u0663", "iops:" + "9" * 5000, "bps:" + "9" * 5000,
+                                  "iops:" + "9" * 21])
+def test_a_qos_number_int_cannot_read_or_past_64_bits_is_a_target_error(text):
+    """'\u00b2'.isdigit() is true and int() refuses it; so it does past 4300 digits: a ValueError."""
+    with pytest.raises(TargetError, match="^qos="):
+        parse_qos(text)
+
+
+@pytest.mark.parametrize("text", ["9" * 5000, "9" * 21 + "G"])
+def test_a_size_past_64_bits_is_a_target_error(text):
+    with pytest.raises(TargetError, match="^size="):
+        parse_size(text)
+    assert parse_size("9" * 20) == int("9" * 20)  # (what librbd makes of it is librbd's to say)
