@@ -30,8 +30,8 @@ PACKAGES     = $(patsubst %/,%,$(dir $(wildcard block_rbd/__init__.py block_rbd/
 help:
 	@echo "make demo      run the main job end to end on a throwaway local Ceph cluster"
 	@echo "make test      install what the tests need, then run the whole suite"
-	@echo "make test-xen  only the Xen-in-QEMU release gate, every pairing (as CI)"
-	@echo "make test-xen-core  the gate without the debian13-ceph18 two-host and debian12-ceph18 systemd runs"
+	@echo "make test-xen  only the Xen-in-QEMU release gate, as CI runs it (BLOCK_RBD_XEN_MATRIX=full: every pairing)"
+	@echo "make test-xen-core  the gate without the debian12-ceph18 systemd run (CI's less 11 min)"
 	@echo "make test-ceph18 / test-debian13  the host-side suite against Ceph 18.2 / inside Debian 13"
 	@echo "make deb       build dist/block-rbd_VERSION_all.deb (Debian 12 and 13) and lint it"
 	@echo "make install   install the package and /etc/xen/scripts/block-rbd (dom0)"
