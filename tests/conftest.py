@@ -424,3 +424,12 @@ def leftovers(config_path, images=None):
 
 
 NOTHING = {"mapped": [], "mounts": [], "loops": [], "holders": [], "pending": []}
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The fuzzers' seeds, case counts and times (tests/fuzz/fuzzkit.py), when they ran."""
+    fuzzkit = sys.modules.get("fuzzkit")
+    if fuzzkit is not None and fuzzkit.RUNS:
+        terminalreporter.section("fuzzing (hypothesis, fixed seeds)")
+        for run in fuzzkit.RUNS:
+            terminalreporter.write_line(run.line())

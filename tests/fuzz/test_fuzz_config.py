@@ -18,7 +18,7 @@ from hypothesis import given, note, seed
 
 from block_rbd import config as config_mod
 from block_rbd.errors import BlockRbdError
-from fuzzkit import ODD_SCALARS, SETTINGS, Genome, fast_dir, genomes
+from fuzzkit import ODD_SCALARS, SETTINGS, Genome, fast_dir, genomes, fuzzer  # noqa: F401 (fuzzer: a fixture)
 
 SEED = 2602
 MAX_MESSAGE = 300

@@ -25,7 +25,7 @@ from block_rbd import xenstore as xs_mod
 from block_rbd.errors import (AccessRefused, ClusterError, ImageNotFound, MapperError, MapperUnavailable,
                               XenstoreError)
 from block_rbd.mappers.base import Mapping
-from fuzzkit import SETTINGS, Genome, fast_dir, genomes
+from fuzzkit import SETTINGS, Genome, fast_dir, genomes, fuzzer  # noqa: F401 (fuzzer: a fixture)
 
 SEED = 2601
 PATH = "backend/vbd/5/51712"

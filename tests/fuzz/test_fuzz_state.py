@@ -27,7 +27,7 @@ from block_rbd.cli import maps as maps_cli
 from block_rbd.errors import ClusterError, CorruptRecord, StateError
 from block_rbd.state import LocalState, MapRecord, PendingRelease
 from block_rbd.target import parse_spec
-from fuzzkit import SETTINGS, Genome, fast_dir, genomes
+from fuzzkit import SETTINGS, Genome, fast_dir, genomes, fuzzer  # noqa: F401 (fuzzer: a fixture)
 
 SEED = 2604
 MAX_PROBLEM = 300  # a message is its path and at most this much

@@ -22,7 +22,7 @@ from hypothesis import given, note, seed
 from block_rbd import xenstore as xs_mod
 from block_rbd.errors import XenstoreError
 from block_rbd.xenstore import Xenstore
-from fuzzkit import SETTINGS, Genome, genomes
+from fuzzkit import SETTINGS, Genome, genomes, fuzzer  # noqa: F401 (fuzzer: a fixture)
 
 SEED = 2603
 CAP = 0.1        # each request's time cap (Xenstore(timeout=...)): short, so that 10,000 cases stay fast

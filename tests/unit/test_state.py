@@ -784,7 +784,7 @@ def test_a_directory_named_like_a_record_is_named_not_a_crash(state, ledger):
 
 @pytest.mark.parametrize("text, problem", [
     ("null", "null, not a JSON object"),  # read as "no such file": skipped, never named
-    ("[" * 5000, "not JSON: nested too deeply"),  # json decodes recursively: RecursionError
+    ("[" * 5000, "not JSON: "),  # RecursionError up to Python 3.12 ("nested too deeply"), a decode error in 3.13
     ('{"image": "rbd/vm1", "read_only": false, "holders": {"a\\nb": {"mode": "w"}}}', "holder 'a\\nb'"),
     ('{"image": "rbd/vm1", "read_only": false, "holders": {"a\\u001cb": {"mode": "w"}}}', "holder 'a\\x1cb'"),
     ('{"image": "rbd/vm1\\u001c", "read_only": false}', "image 'rbd/vm1\\x1c' has space around it"),
@@ -794,7 +794,9 @@ def test_a_record_the_fuzzer_found_unnamed_or_line_breaking_is_corrupt(state, te
     path = state._path(SPEC, False)
     _spoil(path, text)
     assert state.records() == []
-    assert [str(bad) for bad in state.corrupt_records()] == ["%s: unreadable (%s)" % (path, problem)]
+    (bad,) = [str(bad) for bad in state.corrupt_records()]
+    assert bad.startswith("%s: unreadable (%s" % (path, problem)) if problem.endswith(": ") \
+        else bad == "%s: unreadable (%s)" % (path, problem)
 
 
 @pytest.mark.parametrize("data, problem", [
