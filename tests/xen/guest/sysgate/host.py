@@ -112,7 +112,8 @@ print(json.dumps(out))
 
 
 # Run beside a step: each w guest's block count in Ceph twice a second, until the file
-# argv[4] appears; then the longest time each count stood still (the pause the guest saw).
+# argv[4] appears; then the longest time between two polls that saw each count move (the
+# pause the guest saw, to within a poll: about 0.5 s plus the reads).
 WATCH = r"""
 import json, os, sys, time, rados, rbd
 conf, keyring, pool, stop = sys.argv[1:5]
@@ -135,9 +136,9 @@ while not os.path.exists(stop):
     for n, im in images.items():
         now, t = count(n, im), time.monotonic()
         last = state[n]
+        last[2] = max(last[2], t - last[1])  # since the count last moved: a poll apart at least
         if now != last[0]:
             last[0], last[1] = now, t
-        last[2] = max(last[2], t - last[1])
 print(json.dumps({n: {"blocks": v[0], "longest_pause": round(v[2], 1)} for n, v in state.items()}))
 """
 
